@@ -1,0 +1,205 @@
+"""Build small Llama models locally (no download) and merge them with ``lore``.
+
+Used by ``mergekit-lore demo``, the tests and the benchmarks. A "fine-tune" is the
+base plus a planted low-rank update per matrix and a little dense noise, which is
+the structure LoRE-Merging assumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+DEMO_TEXT = (
+    "model merging combines the weights of fine tuned language models into one model "
+    "low rank estimation finds a shared base and a small task vector for every model "
+    "the merged model keeps what each fine tune learned without training again"
+)
+
+
+@dataclass(frozen=True)
+class TinyLlamaShape:
+    hidden: int = 64
+    intermediate: int = 172
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 256
+    tie_embeddings: bool = False
+
+
+def save_tokenizer(path: Path, vocab_size: int) -> None:
+    """A small word-level tokenizer so mergekit and transformers find one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    words = sorted(set(DEMO_TEXT.split()))
+    vocab = {token: index for index, token in enumerate(specials + words)}
+    for index in range(len(vocab), vocab_size):
+        vocab[f"<extra_{index}>"] = index
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(str(path))
+
+
+def llama_config(shape: TinyLlamaShape):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        vocab_size=shape.vocab,
+        max_position_embeddings=128,
+        tie_word_embeddings=shape.tie_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def random_state(shape: TinyLlamaShape, seed: int) -> Dict[str, torch.Tensor]:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(shape))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fine_tune_like(
+    base: Dict[str, torch.Tensor],
+    seed: int,
+    *,
+    rank: int = 4,
+    strength: float = 0.5,
+    noise: float = 0.02,
+) -> Dict[str, torch.Tensor]:
+    """``base`` plus a planted rank-``rank`` update per matrix and small dense noise.
+
+    ``strength`` and ``noise`` are relative to each weight's RMS value.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, weight in base.items():
+        scale = float(weight.float().pow(2).mean().sqrt()) or 1.0
+        if weight.ndim == 2:
+            rows, cols = weight.shape
+            left = torch.randn(rows, rank, generator=generator)
+            right = torch.randn(rank, cols, generator=generator)
+            update = left @ right / (rank**0.5)
+            update *= strength * scale
+        else:
+            update = torch.randn(weight.shape, generator=generator) * (strength * scale * 0.1)
+        update += torch.randn(weight.shape, generator=generator) * (noise * scale)
+        out[name] = (weight.float() + update).to(weight.dtype)
+    return out
+
+
+def save_model(
+    path: Path,
+    state: Dict[str, torch.Tensor],
+    shape: TinyLlamaShape,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Save ``state`` as a Llama checkpoint (config, safetensors, tokenizer)."""
+    from transformers import LlamaForCausalLM
+
+    path = Path(path).resolve()
+    config = llama_config(shape)
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(state)
+    model.to(dtype).save_pretrained(str(path), safe_serialization=True)
+    save_tokenizer(path, shape.vocab)
+    return path
+
+
+def build_family(
+    root: Path,
+    count: int,
+    *,
+    shape: TinyLlamaShape = TinyLlamaShape(),
+    seed: int = 0,
+    rank: int = 4,
+    strength: float = 0.5,
+    noise: float = 0.02,
+    dtype: torch.dtype = torch.float32,
+) -> Dict[str, object]:
+    """A base model and ``count`` fine-tune-like variants under ``root``.
+
+    Returns ``{"base": Path, "models": [Path, ...]}`` with absolute paths.
+    """
+    root = Path(root).resolve()
+    base_state = random_state(shape, seed)
+    base = save_model(root / "base", base_state, shape, dtype)
+    models = [
+        save_model(
+            root / f"model_{index}",
+            fine_tune_like(base_state, seed + 1000 + index, rank=rank, strength=strength, noise=noise),
+            shape,
+            dtype,
+        )
+        for index in range(count)
+    ]
+    return {"base": base, "models": models}
+
+
+def lore_config_yaml(
+    models: Sequence[Path],
+    *,
+    base: Optional[Path] = None,
+    parameters: Optional[Dict[str, object]] = None,
+    per_model: Optional[Sequence[Dict[str, object]]] = None,
+    dtype: str = "float32",
+    method: str = "lore",
+) -> str:
+    """A mergekit YAML config (JSON is valid YAML) for ``models``."""
+    entries = []
+    for index, model in enumerate(models):
+        entry: Dict[str, object] = {"model": str(Path(model).resolve())}
+        if per_model is not None and per_model[index]:
+            entry["parameters"] = dict(per_model[index])
+        entries.append(entry)
+    config: Dict[str, object] = {"merge_method": method, "models": entries, "dtype": dtype}
+    if base is not None:
+        config["base_model"] = str(Path(base).resolve())
+    if parameters:
+        config["parameters"] = dict(parameters)
+    return json.dumps(config, indent=2) + "\n"
+
+
+def run_mergekit_yaml(config_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Run the stock ``mergekit-yaml`` CLI of this environment as a subprocess."""
+    executable = Path(sys.executable).with_name("mergekit-yaml")
+    command = [str(executable) if executable.exists() else "mergekit-yaml", str(config_path), str(out), *extra]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run(command, capture_output=True, text=True, env=env)
+
+
+def run_demo(workdir: Path, *, count: int = 3) -> Path:
+    """Build a base and ``count`` variants, merge the variants with ``lore`` (no base).
+
+    Returns the merged model's directory; prints how far the merge is from the
+    linear average and from the true base.
+    """
+    workdir = Path(workdir).resolve()
+    family = build_family(workdir / "models", count)
+    config_path = workdir / "lore.yml"
+    config_path.write_text(lore_config_yaml(family["models"]))
+    out = workdir / "merged"
+    result = run_mergekit_yaml(config_path, out)
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout + result.stderr)
+        raise SystemExit(f"mergekit-yaml failed with exit code {result.returncode}")
+    return out

@@ -1,0 +1,150 @@
+"""LoRE-Merging of one weight across models: thresholds, shapes, solve, combine.
+
+Pure torch (no mergekit imports); ``mergekit_lore.method`` adapts it to mergekit.
+
+Shapes:
+- 2-D weights (including embeddings and ``lm_head``) are solved as matrices.
+- 3-D and larger weights (stacked experts) are a stack of matrices over the
+  leading axes; each matrix is solved on its own, with its own thresholds.
+- 0-D and 1-D weights (norms, biases, scalars) have no nuclear norm: their task
+  vectors are kept whole, ``delta_i = theta_i - theta_0`` with ``theta_0`` the
+  base when it is pinned or anchored (``fixed`` / ``anchor``), else the mean of
+  the models (the minimum-norm choice). The same ``combine`` then applies.
+
+Thresholds: ``mu`` (absolute, the paper's) when given, else
+``mu_ratio * s_1(theta_i - reference)`` where ``s_1`` is the largest singular
+value and ``reference`` is the base if one is given, else the mean of the models.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, List, Literal, Optional, Sequence
+
+import torch
+
+from mergekit_lore.combine import (
+    Combine,
+    SignConsensus,
+    Trim,
+    merge_dense,
+    merge_solution,
+)
+from mergekit_lore.solver import LoreSolution, SolveOptions, anchored_mean, solve_lore
+from mergekit_lore.svt import compute_dtype, spectral_norm
+
+BaseMode = Literal["anchor", "init", "fixed"]
+BASE_MODES = ("anchor", "init", "fixed")
+
+# Called once per solved matrix: (tensor label, solution, inputs, reference) -> None.
+SolveReport = Callable[[str, LoreSolution, Sequence[torch.Tensor]], None]
+
+
+@dataclass(frozen=True)
+class LoreConfig:
+    """Resolved ``lore`` parameters for one tensor group (per-model lists in input order)."""
+
+    mu: Sequence[Optional[float]]
+    mu_ratio: Sequence[float]
+    weights: Sequence[float]
+    densities: Sequence[float]
+    scale: float = 1.0  # the YAML ``lambda``
+    combine: Combine = "sum"
+    base_mode: BaseMode = "anchor"
+    base_weight: float = 1.0
+    solve: SolveOptions = SolveOptions()
+
+
+def resolve_thresholds(
+    thetas: Sequence[torch.Tensor],
+    reference: torch.Tensor,
+    mu: Sequence[Optional[float]],
+    mu_ratio: Sequence[float],
+) -> List[float]:
+    """Per-model absolute thresholds (``mu`` wins over ``mu_ratio``)."""
+    thresholds: List[float] = []
+    work = None
+    for theta, absolute, ratio in zip(thetas, mu, mu_ratio):
+        if absolute is not None:
+            thresholds.append(float(absolute))
+            continue
+        if ratio == 0:
+            thresholds.append(0.0)
+            continue
+        if work is None:
+            work = torch.empty_like(reference)
+        work.copy_(theta).sub_(reference)
+        thresholds.append(float(ratio) * spectral_norm(work))
+    return thresholds
+
+
+def lore_merge(
+    thetas: Sequence[torch.Tensor],
+    config: LoreConfig,
+    *,
+    base: Optional[torch.Tensor] = None,
+    trim: Trim,
+    sign_consensus: SignConsensus,
+    report: Optional[SolveReport] = None,
+    label: str = "tensor",
+) -> torch.Tensor:
+    """Merge one weight from its ``thetas`` (non-base inputs) and optional ``base``.
+
+    Returns a tensor in the compute dtype (float32, or float64 for float64 inputs).
+    """
+    dtype = compute_dtype(thetas[0].dtype)
+    combine_args = dict(
+        combine=config.combine,
+        scale=config.scale,
+        weights=config.weights,
+        densities=config.densities,
+        trim=trim,
+        sign_consensus=sign_consensus,
+    )
+    if thetas[0].ndim <= 1:
+        pinned = base is not None and config.base_mode in ("anchor", "fixed")
+        theta0 = base.to(dtype) if pinned else anchored_mean(thetas, None, 0.0, dtype)
+        deltas = [t.to(dtype) - theta0 for t in thetas]
+        return merge_dense(theta0, deltas, **combine_args)
+    if thetas[0].ndim == 2:
+        return _merge_matrix(thetas, base, config, combine_args, report, label, dtype)
+    out = torch.empty(thetas[0].shape, dtype=dtype, device=thetas[0].device)
+    for index in itertools.product(*(range(s) for s in thetas[0].shape[:-2])):
+        out[index] = _merge_matrix(
+            [t[index] for t in thetas],
+            base[index] if base is not None else None,
+            config,
+            combine_args,
+            report,
+            f"{label}[{','.join(map(str, index))}]",
+            dtype,
+        )
+    return out
+
+
+def _merge_matrix(
+    thetas: Sequence[torch.Tensor],
+    base: Optional[torch.Tensor],
+    config: LoreConfig,
+    combine_args: dict,
+    report: Optional[SolveReport],
+    label: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    reference = base.to(dtype) if base is not None else anchored_mean(thetas, None, 0.0, dtype)
+    thresholds = resolve_thresholds(thetas, reference, config.mu, config.mu_ratio)
+    del reference
+    fixed = base is not None and config.base_mode == "fixed"
+    anchored = base is not None and config.base_mode == "anchor"
+    solution = solve_lore(
+        thetas,
+        thresholds,
+        base=base,
+        base_weight=config.base_weight if anchored else 0.0,
+        fix_base=fixed,
+        options=config.solve,
+    )
+    if report is not None:
+        report(label, solution, thetas)
+    return merge_solution(solution, **combine_args)
