@@ -19,6 +19,7 @@ value and ``reference`` is the base if one is given, else the mean of the models
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from typing import Callable, List, Literal, Optional, Sequence
 
@@ -37,8 +38,25 @@ from mergekit_lore.svt import compute_dtype, spectral_norm
 BaseMode = Literal["anchor", "init", "fixed"]
 BASE_MODES = ("anchor", "init", "fixed")
 
-# Called once per solved matrix: (tensor label, solution, inputs, reference) -> None.
-SolveReport = Callable[[str, LoreSolution, Sequence[torch.Tensor]], None]
+@dataclass
+class TensorSolve:
+    """What the solve produced for one matrix (or one 0-D/1-D weight), for reports and export.
+
+    ``deltas`` are ``LowRank`` factors for matrices and dense tensors for 0-D/1-D
+    weights; ``solution`` is None for the latter. ``theta0`` is dense.
+    """
+
+    label: str
+    thetas: Sequence[torch.Tensor]
+    theta0: torch.Tensor
+    deltas: List[object]
+    thresholds: List[float]
+    solution: Optional[LoreSolution]
+    seconds: float
+
+
+# Called once per solved matrix and per 0-D/1-D weight.
+SolveReport = Callable[[TensorSolve], None]
 
 
 @dataclass(frozen=True)
@@ -106,6 +124,8 @@ def lore_merge(
         pinned = base is not None and config.base_mode in ("anchor", "fixed")
         theta0 = base.to(dtype) if pinned else anchored_mean(thetas, None, 0.0, dtype)
         deltas = [t.to(dtype) - theta0 for t in thetas]
+        if report is not None:
+            report(TensorSolve(label, thetas, theta0, list(deltas), [0.0] * len(thetas), None, 0.0))
         return merge_dense(theta0, deltas, **combine_args)
     if thetas[0].ndim == 2:
         return _merge_matrix(thetas, base, config, combine_args, report, label, dtype)
@@ -132,6 +152,7 @@ def _merge_matrix(
     label: str,
     dtype: torch.dtype,
 ) -> torch.Tensor:
+    began = time.perf_counter()
     reference = base.to(dtype) if base is not None else anchored_mean(thetas, None, 0.0, dtype)
     thresholds = resolve_thresholds(thetas, reference, config.mu, config.mu_ratio)
     del reference
@@ -146,5 +167,15 @@ def _merge_matrix(
         options=config.solve,
     )
     if report is not None:
-        report(label, solution, thetas)
+        report(
+            TensorSolve(
+                label,
+                thetas,
+                solution.theta0(),
+                list(solution.deltas),
+                thresholds,
+                solution,
+                time.perf_counter() - began,
+            )
+        )
     return merge_solution(solution, **combine_args)
