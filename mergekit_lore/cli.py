@@ -1,8 +1,21 @@
-"""The ``mergekit-lore`` command line."""
+"""The ``mergekit-lore`` command line.
+
+- ``mergekit-lore demo WORKDIR``: build a tiny Llama family and merge it with ``mergekit-yaml``.
+- ``mergekit-lore export CONFIG OUT [--merged] [--export-dtype D] [mergekit options]``:
+  run the lore merge through mergekit and write ``OUT/base`` (theta_0) plus one PEFT LoRA
+  adapter per source model under ``OUT/adapters`` (see ``mergekit_lore.export``).
+- ``mergekit-lore spectrum CONFIG --out fig.png [--layers PATTERN ...]``: plot the singular
+  value decay of the task vectors (see ``mergekit_lore.spectrum``).
+
+For a per-tensor report of an ordinary ``mergekit-yaml`` run set
+``MERGEKIT_LORE_REPORT=report.jsonl`` (see ``mergekit_lore.report``).
+"""
 
 from pathlib import Path
+from typing import Optional, Tuple
 
 import click
+from mergekit.options import MergeOptions, add_merge_options
 
 
 @click.group()
@@ -19,3 +32,107 @@ def demo(workdir: Path, count: int) -> None:
 
     out = run_demo(workdir, count=count)
     click.echo(f"merged model written to {out}")
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out_path", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--merged/--no-merged", "keep_merged", default=False, show_default=True,
+              help="Also keep the merged model in OUT/merged (otherwise it goes to a temp dir that is removed).")
+@click.option("--export-dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="dtype of OUT/base and the adapters; auto: the config's out_dtype/dtype, else float32.")
+@click.option("--force", is_flag=True, help="Replace existing OUT/base, OUT/adapters (and OUT/merged).")
+@add_merge_options
+def export(
+    merge_options: MergeOptions,
+    config_file: Path,
+    out_path: Path,
+    keep_merged: bool,
+    export_dtype: str,
+    force: bool,
+) -> None:
+    """Merge CONFIG_FILE with lore and export theta_0 + one LoRA adapter per source model to OUT_PATH."""
+    from mergekit_lore.export import export_lore
+
+    merge_options.apply_global_options()
+    source = config_file.read_text(encoding="utf-8")
+    try:
+        result = export_lore(
+            source,
+            out_path,
+            merge_options,
+            keep_merged=keep_merged,
+            export_dtype=export_dtype,
+            config_source=source,
+            force=force,
+        )
+    except (FileExistsError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"base (theta_0): {result.base}")
+    for info in result.adapters.values():
+        error = "n/a" if info.relative_error is None else f"{info.relative_error:.4g}"
+        ranks = list(info.targets.values()) + list(info.parameters.values())
+        line = (
+            f"adapter {info.path}: {len(info.targets)} LoRA modules"
+            + (f" + {len(info.parameters)} LoRA parameters" if info.parameters else "")
+            + f", max rank {max(ranks, default=0)}, modules_to_save {len(info.modules_to_save)}, "
+            f"relative distance to the source model {error}"
+        )
+        if info.residual:
+            line += f", residual tensors {len(info.residual)} (not expressible as LoRA; see lore_export.json)"
+        click.echo(line)
+    if result.merged:
+        click.echo(f"merged model: {result.merged}")
+    click.echo(f"report: {result.report}")
+    click.echo(result.storage_line())
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Figure to write (PNG, or any format matplotlib knows from the suffix).")
+@click.option("--layers", "patterns", multiple=True, metavar="PATTERN",
+              help="Tensor names to plot: glob (fnmatch) or, prefixed with 're:', a regular expression. "
+                   "Repeatable. Default: the 2-D weights of the middle layer.")
+@click.option("--max-tensors", default=12, show_default=True, help="Plot at most this many tensors.")
+@click.option("--top", default=None, type=int, help="Plot only the first TOP singular values.")
+@click.option("--normalize/--no-normalize", default=True, show_default=True,
+              help="Divide by the largest singular value of each task vector.")
+@click.option("--data", "data_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the singular values as JSON.")
+@add_merge_options
+def spectrum(
+    merge_options: MergeOptions,
+    config_file: Path,
+    out_file: Path,
+    patterns: Tuple[str, ...],
+    max_tensors: int,
+    top: Optional[int],
+    normalize: bool,
+    data_file: Optional[Path],
+) -> None:
+    """Plot the singular value decay of the task vectors theta_i - reference (the paper's Figure 1).
+
+    reference = the config's base_model if it has one, else the mean of the models.
+    """
+    from mergekit_lore.spectrum import plot_spectrum, task_vector_spectra
+
+    merge_options.apply_global_options()
+    try:
+        result = task_vector_spectra(
+            config_file.read_text(encoding="utf-8"),
+            patterns=list(patterns),
+            max_tensors=max_tensors,
+            options=merge_options,
+        )
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    plot_spectrum(result, out_file, top=top, normalize=normalize)
+    if data_file is not None:
+        result.save_json(data_file)
+    click.echo(f"{len(result.tensors)} tensors x {len(result.models)} models ({result.reference_label}) -> {out_file}")
+    for tensor in result.tensors:
+        ranks = ", ".join(
+            f"{result.short_name(m)}: {result.effective_rank(tensor, m)}" for m in result.models
+        )
+        click.echo(f"  {tensor}: rank for 90% energy {ranks}")

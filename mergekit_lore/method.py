@@ -150,7 +150,7 @@ class LoreMerge(GroupMergeMethod):
             base=base,
             trim=_trim,
             sign_consensus=_sign_consensus,
-            report=active_report(),
+            report=active_report(ids),
             label=name,
         )
         return merged.to(first.dtype)

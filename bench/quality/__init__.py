@@ -1,0 +1,1 @@
+"""Real-data merge-quality benchmark for ``merge_method: lore`` (see README.md)."""

@@ -1,0 +1,78 @@
+"""Every YAML file in ``example_configs/`` runs through the installed ``mergekit-yaml``.
+
+The list is read from the directory, so a new example is covered automatically.
+Placeholder model paths are replaced by the tiny test family by position.
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import (
+    EXAMPLE_CONFIGS,
+    MergeJobs,
+    assert_loads_and_runs,
+    assert_merge_ok,
+    materialize_config,
+)
+
+EXAMPLES = sorted(p for p in EXAMPLE_CONFIGS.iterdir() if p.suffix in (".yml", ".yaml"))
+
+
+def _job(example):
+    def build(jobs):
+        destination = jobs.fixture("tmp_path_factory").mktemp("examples") / example.name
+        return materialize_config(example, jobs.fixture("family"), destination)
+
+    return build
+
+
+JOBS = {f"example_{example.stem}": _job(example) for example in EXAMPLES}
+
+
+@pytest.fixture(scope="module")
+def merges(merge_runner, request):
+    return MergeJobs(merge_runner, JOBS, request)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _queue_merges(merges):
+    merges.prefetch()
+
+
+def test_example_directory_is_not_empty():
+    names = {p.name for p in EXAMPLES}
+    for expected in (
+        "lore-no-base.yml",
+        "lore-with-base.yml",
+        "lore-ties.yml",
+        "lore-paper.yml",
+        "lore-two-models-anchor.yml",
+    ):
+        assert expected in names
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_is_a_lore_config_with_placeholders(example):
+    config = yaml.safe_load(example.read_text())
+    assert config["merge_method"] == "lore"
+    assert config["models"], "an example must list models"
+    for entry in config["models"]:
+        assert entry["model"].startswith("/path/to/"), "examples use placeholder paths"
+    if "base_model" in config:
+        assert config["base_model"].startswith("/path/to/")
+    assert "mergekit_lore" not in example.read_text()  # the autoload hook registers lore
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "example",
+    [pytest.param(p, marks=pytest.mark.merges(f"example_{p.stem}"), id=p.name) for p in EXAMPLES],
+)
+def test_example_config_merges(example, merges):
+    result = merges.result(f"example_{example.stem}")
+    assert_merge_ok(result)
+    assert_loads_and_runs(result.out)
+    card = (result.out / "README.md").read_text()
+    assert "LoRE-Merging" in card

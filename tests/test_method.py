@@ -1,0 +1,182 @@
+"""The mergekit method: spec, parameter validation, shapes, dtypes and bad input."""
+
+import pydantic
+import pytest
+import torch
+from mergekit.merge_methods import get, merge_tensors
+
+import mergekit_lore  # noqa: F401  (registers, also without the autoload hook)
+from mergekit_lore.solver import SolveOptions, solve_lore
+
+
+def family(n, shape=(24, 40), rank=2, seed=0, noise=0.02):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    models = []
+    for _ in range(n):
+        update = torch.randn(shape[:-1] + (rank,), generator=g) @ torch.randn(rank, shape[-1], generator=g)
+        models.append(base + 0.5 * update + noise * torch.randn(shape, generator=g))
+    return base, models
+
+
+def svt64(x, mu):
+    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    return u @ torch.diag((s - mu).clamp_min(0)) @ vh
+
+
+def test_spec_names_the_paper():
+    method = get("lore")
+    assert method.spec.pretty_name == "LoRE-Merging"
+    assert method.spec.reference_url == "https://arxiv.org/abs/2502.10749"
+
+
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("combine", "foo", "combine"),
+        ("solver", "newton", "solver"),
+        ("base_mode", "pinned", "base_mode"),
+        ("mu", -1.0, "mu"),
+        ("max_iter", 0, "max_iter"),
+        ("svt_backend", "magic", "svt_backend"),
+        ("tol", 0.0, "tol"),
+        ("density", 1.5, "density"),
+    ],
+)
+def test_bad_parameters_name_the_parameter_and_allowed_values(name, value, expected):
+    _, models = family(3)
+    with pytest.raises(pydantic.ValidationError) as info:
+        merge_tensors(models, "lore", parameters={name: value})
+    message = str(info.value)
+    assert f"lore parameter '{expected}'" in message
+    if name == "combine":
+        assert "average, sum, ties" in message
+
+
+def test_nan_input_names_tensor_and_model():
+    _, models = family(3)
+    models[1] = models[1].clone()
+    models[1][3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"tensor 'layers.0.mlp' of model 'b' contains NaN or Inf"):
+        merge_tensors(models, "lore", ids=["a", "b", "c"], name="layers.0.mlp")
+
+
+def test_single_model_and_identical_models_come_back():
+    base, models = family(2)
+    assert torch.equal(merge_tensors(models[:1], "lore"), models[0])
+    assert torch.equal(merge_tensors([models[0]] * 3, "lore"), models[0])
+    # one non-base model next to a base: the model itself
+    assert torch.equal(merge_tensors([base, models[0]], "lore", base_index=0), models[0])
+
+
+def test_default_three_model_merge_is_low_rank_and_not_the_mean():
+    _, models = family(3)
+    merged = merge_tensors(models, "lore")
+    mean = sum(models) / 3
+    assert float((merged - mean).norm() / mean.norm()) > 1e-3
+    # average with lambda 1 is exactly the mean (LORE_SPEC)
+    averaged = merge_tensors(models, "lore", parameters={"combine": "average", "lambda": 1.0})
+    assert torch.allclose(averaged, mean, atol=1e-5)
+
+
+def test_absolute_mu_reproduces_the_solver():
+    _, models = family(3)
+    merged = merge_tensors(models, "lore", parameters={"mu": 0.8, "lambda": 0.6, "combine": "sum"})
+    solution = solve_lore(models, [0.8] * 3)
+    expected = solution.theta0() + 0.6 * sum(solution.delta(i) for i in range(3))
+    assert torch.allclose(merged, expected, atol=1e-5)
+
+
+def test_mu_ratio_is_relative_to_the_largest_singular_value():
+    _, models = family(3)
+    mean = sum(models) / 3
+    sigma = [float(torch.linalg.matrix_norm((m - mean).double(), ord=2)) for m in models]
+    merged = merge_tensors(models, "lore", parameters={"mu_ratio": 0.3})
+    solution = solve_lore(models, [0.3 * s for s in sigma])
+    expected = solution.theta0() + sum(solution.delta(i) for i in range(3))
+    assert torch.allclose(merged, expected, atol=1e-4)
+    # scale-free: scaling every input scales the output (up to the solver tolerance)
+    tight = {"mu_ratio": 0.3, "tol": 1e-6, "max_iter": 1000}
+    once = merge_tensors(models, "lore", parameters=tight)
+    scaled = merge_tensors([3.0 * m for m in models], "lore", parameters=tight)
+    assert float((scaled - 3.0 * once).norm() / (3.0 * once).norm()) < 1e-5
+
+
+def test_fixed_base_is_task_arithmetic_on_thresholded_task_vectors():
+    base, models = family(3)
+    merged = merge_tensors(
+        [base] + models, "lore", base_index=0,
+        parameters={"base_mode": "fixed", "mu": 0.5, "lambda": 0.7, "combine": "sum"},
+    )
+    expected = base.double() + 0.7 * sum(svt64(m - base, 0.5) for m in models)
+    assert torch.allclose(merged.double(), expected, atol=1e-4)
+
+
+def test_ties_combine_uses_mergekit_trim_and_sign_election():
+    base, models = family(3)
+    params = {"base_mode": "fixed", "mu": 0.5, "combine": "ties", "density": 0.5, "lambda": 1.0}
+    merged = merge_tensors([base] + models, "lore", base_index=0, parameters=params)
+    # Same task vectors fed to mergekit's own TIES reproduce the result.
+    deltas = [svt64(m - base, 0.5).float() for m in models]
+    ties = merge_tensors(
+        [base] + [base + d for d in deltas], "ties", base_index=0,
+        parameters={"weight": 1.0, "density": 0.5},
+    )
+    assert torch.allclose(merged, ties, atol=1e-4)
+
+
+def test_vectors_average_without_base_and_follow_the_base_when_pinned():
+    base, models = family(3, shape=(32,))
+    merged = merge_tensors(models, "lore", parameters={"combine": "sum", "lambda": 1.0})
+    assert torch.allclose(merged, sum(models) / 3, atol=1e-6)  # deviations from the mean sum to 0
+    anchored = merge_tensors([base] + models, "lore", base_index=0, parameters={"combine": "average"})
+    assert torch.allclose(anchored, sum(models) / 3, atol=1e-6)
+    summed = merge_tensors([base] + models, "lore", base_index=0, parameters={"combine": "sum", "lambda": 0.5})
+    assert torch.allclose(summed, base + 0.5 * sum(m - base for m in models), atol=1e-5)
+    scalar = merge_tensors([torch.tensor(1.0), torch.tensor(3.0)], "lore")
+    assert float(scalar) == pytest.approx(2.0)
+
+
+def test_stacked_experts_are_merged_matrix_by_matrix():
+    _, models = family(3, shape=(3, 16, 24))
+    params = {"mu": 0.5, "lambda": 0.8}
+    merged = merge_tensors(models, "lore", parameters=params)
+    for e in range(3):
+        alone = merge_tensors([m[e] for m in models], "lore", parameters=params)
+        assert torch.allclose(merged[e], alone, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_are_computed_in_float32(dtype):
+    _, models = family(3)
+    low = [m.to(dtype) for m in models]
+    merged = merge_tensors(low, "lore", parameters={"mu": 0.5})
+    assert merged.dtype == dtype
+    reference = merge_tensors([m.float() for m in low], "lore", parameters={"mu": 0.5})
+    assert torch.allclose(merged.float(), reference, atol=2e-2, rtol=1e-2)
+    # like mergekit's own methods, the result comes in the input dtype and
+    # out_dtype casts it afterwards
+    as_float = merge_tensors(low, "lore", parameters={"mu": 0.5}, out_dtype=torch.float32)
+    assert as_float.dtype == torch.float32
+    assert torch.equal(as_float, merged.float())
+
+
+def test_per_model_parameters_and_weights():
+    _, models = family(3)
+    merged = merge_tensors(
+        models, "lore", ids=["a", "b", "c"],
+        parameters={"mu": {"a": 0.3, "b": 0.6, "c": 0.9}, "weight": [1.0, 2.0, 0.5], "combine": "average"},
+    )
+    solution = solve_lore(models, [0.3, 0.6, 0.9], options=SolveOptions())
+    weights = [1.0, 2.0, 0.5]
+    expected = solution.theta0() + sum(w * solution.delta(i) for i, w in enumerate(weights)) / sum(weights)
+    assert torch.allclose(merged, expected, atol=1e-5)
+
+
+def test_two_model_anchor_merge_differs_from_linear():
+    base, models = family(2)
+    merged = merge_tensors([base] + models, "lore", base_index=0)
+    linear = merge_tensors(models, "linear", parameters={"weight": 1.0})
+    assert float((merged - linear).norm() / linear.norm()) > 1e-3
+    free = merge_tensors(models, "lore")
+    assert torch.allclose(free, linear, atol=1e-5)

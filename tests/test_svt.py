@@ -1,0 +1,146 @@
+"""SVT kernel contract: every backend within 1e-4 of a float64 exact SVT."""
+
+import pytest
+import torch
+
+from mergekit_lore.svt import (
+    LowRank,
+    choose_backend,
+    lowrank_distance,
+    lowrank_inner,
+    lowrank_norm,
+    spectral_norm,
+    svt,
+)
+
+BACKENDS = ["exact", "gram", "randomized", "auto"]
+
+
+def reference_svt(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """SVT by its definition, in float64."""
+    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    return u @ torch.diag((s - threshold).clamp_min(0)) @ vh
+
+
+def planted(rows, cols, rank, noise, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(rows, rank, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(cols, rank, generator=g, dtype=torch.float64)).Q
+    s = torch.linspace(10.0, 4.0, rank, dtype=torch.float64)
+    bulk = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    bulk *= noise / (rows**0.5 + cols**0.5)  # top of the noise bulk ~ noise
+    return u @ torch.diag(s) @ v.T + bulk
+
+
+def singular_values(x):
+    return torch.linalg.svdvals(x.double())
+
+
+def cases():
+    gap = planted(150, 260, 8, 1.0)
+    yield "gap", gap, 2.0  # between the planted spectrum (>= 4) and the bulk (<= ~1)
+    bulk = planted(150, 260, 4, 3.0, seed=1)
+    s = singular_values(bulk)
+    yield "bulk", bulk, float(s[40])  # inside the flat noise bulk
+    yield "rank0", gap, float(singular_values(gap)[0]) * 1.01
+    full = planted(60, 90, 6, 1.0, seed=2)
+    yield "full-rank", full, float(singular_values(full)[-1]) * 0.5
+    yield "zero-threshold", full, 0.0
+    yield "tall", planted(260, 120, 6, 1.0, seed=3), 2.0
+    yield "wide", planted(40, 400, 6, 1.0, seed=4), 2.0
+    yield "tiny-row", torch.randn(1, 37, dtype=torch.float64), 0.5
+    yield "tiny-col", torch.randn(37, 1, dtype=torch.float64), 0.5
+
+
+CASES = list(cases())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_svt_matches_float64_definition(case, backend):
+    _, x, threshold = case
+    expected = reference_svt(x, threshold)
+    result = svt(x.float(), threshold, backend=backend)
+    got = result.dense().double()
+    assert got.shape == x.shape
+    scale = max(float(expected.norm()), 1e-12)
+    if float(expected.norm()) == 0.0:
+        assert float(got.norm()) == 0.0
+    else:
+        assert float((got - expected).norm()) / scale <= 1e-4
+    expected_rank = int((singular_values(x) > threshold).sum())
+    assert result.rank == expected_rank
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_svt_half_precision_inputs(backend, dtype):
+    x = planted(120, 200, 6, 1.0, seed=5).to(dtype)
+    reference = reference_svt(x.double(), 2.0)  # same (rounded) values, float64
+    result = svt(x, 2.0, backend=backend)
+    assert result.factors.left.dtype == torch.float32
+    error = (result.dense().double() - reference).norm() / reference.norm()
+    assert float(error) <= 1e-4
+
+
+def test_randomized_warm_start_gives_same_result():
+    x = planted(200, 300, 10, 1.0, seed=6)
+    first = svt(x.float(), 2.0, backend="randomized")
+    nudged = x + 1e-3 * torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    warm = svt(nudged.float(), 2.0, backend="randomized", warm_start=first.basis)
+    expected = reference_svt(nudged, 2.0)
+    assert float((warm.dense().double() - expected).norm() / expected.norm()) <= 1e-4
+
+
+def test_randomized_never_truncates_rank_beyond_sketch():
+    # 60 singular values above the threshold: far beyond the initial sketch of 20.
+    x = planted(200, 300, 60, 0.5, seed=7)
+    result = svt(x.float(), 1.0, backend="randomized")
+    assert result.rank == 60
+    expected = reference_svt(x, 1.0)
+    assert float((result.dense().double() - expected).norm() / expected.norm()) <= 1e-4
+
+
+def test_svt_rejects_bad_threshold():
+    with pytest.raises(ValueError, match="threshold"):
+        svt(torch.randn(3, 4), -1.0)
+    with pytest.raises(ValueError, match="backend"):
+        svt(torch.randn(3, 4), 1.0, backend="magic")
+
+
+def test_lowrank_helpers_match_dense():
+    g = torch.Generator().manual_seed(0)
+    a = LowRank(torch.randn(30, 3, generator=g, dtype=torch.float64), torch.randn(20, 3, generator=g, dtype=torch.float64))
+    b = LowRank(torch.randn(30, 2, generator=g, dtype=torch.float64), torch.randn(20, 2, generator=g, dtype=torch.float64))
+    assert torch.isclose(lowrank_norm(a), a.dense().norm())
+    assert torch.isclose(lowrank_distance(a, b), (a.dense() - b.dense()).norm())
+    assert torch.isclose(lowrank_inner(a, b), (a.dense() * b.dense()).sum())
+    combo = LowRank.combination([a, b], [2.0, -0.5])
+    assert torch.allclose(combo.dense(), 2 * a.dense() - 0.5 * b.dense())
+
+
+def test_spectral_norm_matches_svd():
+    x = planted(150, 230, 8, 1.0, seed=8)
+    assert spectral_norm(x.float()) == pytest.approx(float(singular_values(x)[0]), rel=1e-4)
+    assert spectral_norm(torch.zeros(50, 60)) == 0.0
+
+
+def test_auto_prefers_randomized_for_large_low_rank_and_exact_for_tiny():
+    assert choose_backend(4096, 11008) == "randomized"
+    assert choose_backend(3584, 18944) == "randomized"
+    assert choose_backend(8, 5000) == "exact"
+    assert choose_backend(4096, 11008, warm_rank=2000) == "gram"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_svt_contract_on_cuda(case, backend):
+    _, x, threshold = case
+    expected = reference_svt(x, threshold)
+    got = svt(x.float().cuda(), threshold, backend=backend).dense().double().cpu()
+    if float(expected.norm()) == 0.0:
+        assert float(got.norm()) == 0.0
+    else:
+        assert float((got - expected).norm() / expected.norm()) <= 1e-4
