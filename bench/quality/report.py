@@ -225,7 +225,9 @@ def markdown(result) -> str:
         f"Command: `{result['command']}`  ",
         f"Preset `{result['preset']}`, seed {result['seed']}; total {t['total_s'] / 60:.1f} min "
         f"(data {t['prepare_s']:.0f} s, training {t['train_s']:.0f} s, the rest merges + scoring) on "
-        f"{result['machine']['cpus']} CPUs, torch {result['machine']['torch']}.",
+        f"{result['machine']['cpus']} CPUs, torch {result['machine']['torch']}; 1-min load average "
+        f"{result['machine']['loadavg_start'][0]:.1f} at start, {result['machine']['loadavg_end'][0]:.1f} at the end "
+        "(other processes shared the CPU when this is above the CPU count; wall times scale with it).",
         "",
         f"Model: LlamaForCausalLM hidden {shape['hidden']}, {shape['layers']} layers, intermediate "
         f"{shape['intermediate']}, heads {shape['heads']}/{shape['kv_heads']} kv, byte-level BPE vocab "

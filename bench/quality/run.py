@@ -158,6 +158,7 @@ def main(argv=None) -> Dict[str, object]:
     if args.threads:
         torch.set_num_threads(args.threads)
     began = time.perf_counter()
+    load_start = list(os.getloadavg())
     args.workdir = args.workdir.resolve()
     args.out = args.out.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +276,8 @@ def main(argv=None) -> Dict[str, object]:
         "divergence": divergence,
         "timings": {"prepare_s": prep_s, "train_s": train_s, "total_s": total_s, **models["timings"]},
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+                    "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                    "loadavg_start": load_start, "loadavg_end": list(os.getloadavg())},
         "records": records,
     }
     result["analysis"] = qreport.analyse(result)
