@@ -79,21 +79,33 @@ def resolve_thresholds(
     reference: torch.Tensor,
     mu: Sequence[Optional[float]],
     mu_ratio: Sequence[float],
+    *,
+    mirrored: bool = False,
 ) -> List[float]:
-    """Per-model absolute thresholds (``mu`` wins over ``mu_ratio``)."""
+    """Per-model absolute thresholds (``mu`` wins over ``mu_ratio``).
+
+    ``mirrored``: ``reference`` is the mean of exactly two models, so both task
+    vectors share one spectrum and it is computed once.
+    """
     thresholds: List[float] = []
+    norms: List[float] = []
     work = None
-    for theta, absolute, ratio in zip(thetas, mu, mu_ratio):
+    for index, (theta, absolute, ratio) in enumerate(zip(thetas, mu, mu_ratio)):
         if absolute is not None:
             thresholds.append(float(absolute))
             continue
         if ratio == 0:
             thresholds.append(0.0)
             continue
+        if index == 1 and len(thetas) == 2 and norms and mirrored:
+            # theta_2 - mean = -(theta_1 - mean): same spectrum
+            thresholds.append(float(ratio) * norms[0])
+            continue
         if work is None:
             work = torch.empty_like(reference)
         work.copy_(theta).sub_(reference)
-        thresholds.append(float(ratio) * spectral_norm(work))
+        norms.append(spectral_norm(work))
+        thresholds.append(float(ratio) * norms[-1])
     return thresholds
 
 
@@ -154,7 +166,9 @@ def _merge_matrix(
 ) -> torch.Tensor:
     began = time.perf_counter()
     reference = base.to(dtype) if base is not None else anchored_mean(thetas, None, 0.0, dtype)
-    thresholds = resolve_thresholds(thetas, reference, config.mu, config.mu_ratio)
+    thresholds = resolve_thresholds(
+        thetas, reference, config.mu, config.mu_ratio, mirrored=base is None and len(thetas) == 2
+    )
     del reference
     fixed = base is not None and config.base_mode == "fixed"
     anchored = base is not None and config.base_mode == "anchor"

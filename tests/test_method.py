@@ -180,3 +180,14 @@ def test_two_model_anchor_merge_differs_from_linear():
     assert float((merged - linear).norm() / linear.norm()) > 1e-3
     free = merge_tensors(models, "lore")
     assert torch.allclose(free, linear, atol=1e-5)
+
+
+def test_two_model_thresholds_use_the_shared_spectrum():
+    from mergekit_lore.lore import LoreConfig, lore_merge
+
+    _, models = family(2)
+    seen = []
+    config = LoreConfig(mu=[None, None], mu_ratio=[0.3, 0.5], weights=[1.0, 1.0], densities=[1.0, 1.0])
+    lore_merge(models, config, trim=None, sign_consensus=None, report=seen.append)
+    sigma = float(torch.linalg.matrix_norm(((models[0] - models[1]) / 2).double(), ord=2))
+    assert seen[0].thresholds == pytest.approx([0.3 * sigma, 0.5 * sigma], rel=1e-4)
