@@ -123,8 +123,9 @@ class LoreMerge(GroupMergeMethod):
         if not entries:
             return base
         first = entries[0].tensor
-        if all(torch.equal(entry.tensor, first) for entry in entries[1:]):
-            return first  # one model, or identical models: nothing to merge
+        pinned = base is not None and parameters["base_mode"] in ("anchor", "fixed")
+        if not pinned and all(torch.equal(entry.tensor, first) for entry in entries[1:]):
+            return first  # one model, or identical models, and no base pulling on theta_0
         ids = [entry.id for entry in entries]
         if len(entries) == 2 and base is None and first.ndim >= 2 and _equal_per_model(parameters, ids):
             _two_model_notice()

@@ -314,11 +314,6 @@ def test_fixed_base_with_lambda_0_gives_the_base(merges, inputs):
     assert_same_tensors(result.tensors(), inputs["base"], atol=1e-7, what="fixed, lambda 0")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LoreMerge.merge_group returns the input for identical models before looking at "
-    "the base, base_mode and lambda (see the report); remove this marker once fixed",
-)
 @pytest.mark.merges("lore_identical_fixed_lambda0")
 def test_identical_models_on_a_fixed_base_with_lambda_0_give_the_base(merges, inputs):
     """The identity above must not depend on whether the inputs happen to be equal."""

@@ -65,8 +65,14 @@ def test_single_model_and_identical_models_come_back():
     base, models = family(2)
     assert torch.equal(merge_tensors(models[:1], "lore"), models[0])
     assert torch.equal(merge_tensors([models[0]] * 3, "lore"), models[0])
-    # one non-base model next to a base: the model itself
-    assert torch.equal(merge_tensors([base, models[0]], "lore", base_index=0), models[0])
+    # next to a base that only starts the solve (init): still the model itself
+    init = {"base_mode": "init"}
+    assert torch.equal(merge_tensors([base, models[0]], "lore", base_index=0, parameters=init), models[0])
+    # a pinned base makes it task arithmetic on the thresholded task vector
+    fixed = {"base_mode": "fixed", "mu": 0.5, "lambda": 0.7}
+    got = merge_tensors([base, models[0], models[0]], "lore", base_index=0, parameters=fixed)
+    expected = base.double() + 0.7 * 2 * svt64(models[0] - base, 0.5)
+    assert torch.allclose(got.double(), expected, atol=1e-4)
 
 
 def test_default_three_model_merge_is_low_rank_and_not_the_mean():
