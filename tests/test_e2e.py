@@ -357,7 +357,7 @@ def test_two_models_without_base_is_plain_average(merges, inputs):
     delta_2 = -delta_1, so combine: sum gives exactly the average; the method warns."""
     result = merges.result("lore_two_no_base")
     assert_merge_ok(result)
-    assert "two models and no base" in result.stderr
+    assert "two models, no base model and equal thresholds" in result.stderr
     assert_same_tensors(result.tensors(), _mean(inputs["models"][:2]), atol=1e-5, what="two models")
 
 
