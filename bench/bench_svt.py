@@ -7,7 +7,7 @@ dense Gaussian noise scaled so the noise bulk ends near 1
 (``sigma = 1 / (sqrt(m) + sqrt(n))``). Thresholds (cases):
 
 - ``gap``:   2.0, inside the spectral gap (keeps the whole planted rank);
-- ``ratio``: ``0.1 * s_1``, what ``lore``'s default ``mu_ratio: 0.1`` gives
+- ``ratio``: ``0.1 * s_1``, what ``mu_ratio: 0.1`` gives
   (cuts into the signal, keeps ~49 of 64);
 - ``bulk``:  0.5, inside the noise bulk (keeps thousands of singular values:
   the hard case for a randomized method).
@@ -463,7 +463,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     header = ["# SVT kernel benchmark", "", machine_info(device)]
     header.append(
         f"- planted rank {args.rank}, signal singular values {SIGNAL_TOP:g} -> {SIGNAL_BOTTOM:g} (geometric), "
-        "noise bulk edge ~1; cases: gap = 2.0, ratio = 0.1 * s_1 (lore's default mu_ratio), bulk = 0.5"
+        "noise bulk edge ~1; cases: gap = 2.0, ratio = 0.1 * s_1 (a mu_ratio threshold that cuts into the signal), bulk = 0.5"
     )
     header.append(f"- runs per cell: {args.runs} (median); calls slower than {args.single_run_above:g} s run once; timeout {args.timeout:g} s per call")
     header.append(f"- reference: {args.reference} (auto = float64 torch.linalg.svd on CPU)")

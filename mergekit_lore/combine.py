@@ -14,7 +14,7 @@ Pure torch.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 
@@ -48,19 +48,23 @@ def linear_coefficients(
 
 
 def ties_combine(
-    deltas: torch.Tensor,
+    deltas: Iterable[torch.Tensor],
     weights: Sequence[float],
     densities: Sequence[float],
     trim: Trim,
     sign_consensus: SignConsensus,
 ) -> torch.Tensor:
-    """TIES on stacked task vectors ``deltas`` (n, ...): trim, elect, disjoint mean."""
+    """TIES on task vectors ``deltas``: trim, elect, disjoint mean.
+
+    ``deltas`` may be a generator, so that only one untrimmed dense task vector
+    exists at a time.
+    """
     trimmed = torch.stack([trim(d, float(p)) for d, p in zip(deltas, densities)])
     w = torch.tensor(list(weights), dtype=trimmed.dtype, device=trimmed.device)
     w = w.reshape((-1,) + (1,) * (trimmed.ndim - 1))
     trimmed.mul_(w)
     mask = sign_consensus(trimmed).to(trimmed.dtype)
-    mixed = (trimmed * mask).sum(dim=0)
+    mixed = trimmed.mul_(mask).sum(dim=0)
     divisor = (w * mask).sum(dim=0)
     divisor[divisor.abs() < 1e-8] = 1.0
     return mixed.div_(divisor)
@@ -82,7 +86,7 @@ def merge_solution(
     ``anchor + sum_i (scale * omega_i - coupling) delta_i``.
     """
     if combine == "ties":
-        dense = torch.stack([d.dense() for d in solution.deltas])
+        dense = (d.dense() for d in solution.deltas)
         merged = solution.theta0()
         merged.add_(ties_combine(dense, weights, densities, trim, sign_consensus), alpha=scale)
         return merged

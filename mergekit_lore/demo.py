@@ -53,10 +53,12 @@ def save_tokenizer(path: Path, vocab_size: int) -> None:
     fast.save_pretrained(str(path))
 
 
-def llama_config(shape: TinyLlamaShape):
-    from transformers import LlamaConfig
+def llama_config(shape: TinyLlamaShape, config_class: Optional[type] = None, **overrides: object):
+    """A transformers config for ``shape`` (``LlamaConfig`` unless ``config_class``)."""
+    if config_class is None:
+        from transformers import LlamaConfig as config_class
 
-    return LlamaConfig(
+    settings: Dict[str, object] = dict(
         hidden_size=shape.hidden,
         intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers,
@@ -68,6 +70,8 @@ def llama_config(shape: TinyLlamaShape):
         bos_token_id=1,
         eos_token_id=2,
     )
+    settings.update(overrides)
+    return config_class(**settings)
 
 
 def random_state(shape: TinyLlamaShape, seed: int) -> Dict[str, torch.Tensor]:
@@ -155,7 +159,7 @@ def build_family(
     return {"base": base, "models": models}
 
 
-def lore_config_yaml(
+def lore_config(
     models: Sequence[Path],
     *,
     base: Optional[Path] = None,
@@ -163,8 +167,9 @@ def lore_config_yaml(
     per_model: Optional[Sequence[Dict[str, object]]] = None,
     dtype: str = "float32",
     method: str = "lore",
-) -> str:
-    """A mergekit YAML config (JSON is valid YAML) for ``models``."""
+    **extra: object,
+) -> Dict[str, object]:
+    """A mergekit config dict for ``models`` (absolute paths; ``extra`` adds top-level keys)."""
     entries = []
     for index, model in enumerate(models):
         entry: Dict[str, object] = {"model": str(Path(model).resolve())}
@@ -176,7 +181,13 @@ def lore_config_yaml(
         config["base_model"] = str(Path(base).resolve())
     if parameters:
         config["parameters"] = dict(parameters)
-    return json.dumps(config, indent=2) + "\n"
+    config.update(extra)
+    return config
+
+
+def lore_config_yaml(models: Sequence[Path], **options: object) -> str:
+    """``lore_config`` as YAML text (JSON is valid YAML)."""
+    return json.dumps(lore_config(models, **options), indent=2) + "\n"
 
 
 def run_mergekit_yaml(config_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:

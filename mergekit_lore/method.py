@@ -26,7 +26,7 @@ from mergekit.merge_methods.base import (
 from mergekit.merge_methods.generalized_task_arithmetic import get_mask
 from mergekit.sparsify import SparsificationMethod, sparsify
 
-from mergekit_lore.combine import COMBINES
+from mergekit_lore.combine import COMBINES, linear_coefficients
 from mergekit_lore.lore import BASE_MODES, LoreConfig, lore_merge
 from mergekit_lore.report import active_report
 from mergekit_lore.solver import SOLVERS, SolveOptions
@@ -35,6 +35,7 @@ from mergekit_lore.svt import BACKENDS
 LOG = logging.getLogger("mergekit_lore")
 METHOD_NAME = "lore"
 _TWO_MODEL_NOTICE_SHOWN = False
+_CANCELLATION_NOTICE_SHOWN = False
 
 
 def _checked(name: str, value_type: Any, ok: Callable[[Any], bool], expectation: str) -> Any:
@@ -67,7 +68,7 @@ LORE_PARAMETERS = (
         description="Absolute singular value threshold (the paper's mu); overrides mu_ratio.",
     ),
     ParameterSpec(
-        "mu_ratio", _finite_at_least("mu_ratio", 0.0), ParameterScope.NON_BASE, default=0.1,
+        "mu_ratio", _finite_at_least("mu_ratio", 0.0), ParameterScope.NON_BASE, default=0.2,
         description="Threshold as a fraction of the largest singular value of theta_i - reference.",
     ),
     ParameterSpec("weight", _checked("weight", float, math.isfinite, "a finite number"),
@@ -77,7 +78,7 @@ LORE_PARAMETERS = (
         ParameterScope.NON_BASE, default=1.0,
     ),
     ParameterSpec("lambda", _checked("lambda", float, math.isfinite, "a finite number"),
-                  ParameterScope.SHARED, default=1.0),
+                  ParameterScope.SHARED, default=0.5),
     ParameterSpec("combine", _choice("combine", COMBINES), ParameterScope.SHARED, default="sum"),
     ParameterSpec("solver", _choice("solver", SOLVERS), ParameterScope.SHARED, default="fista"),
     ParameterSpec("max_iter", _checked("max_iter", int, lambda v: v > 0, "a positive integer"),
@@ -129,6 +130,8 @@ class LoreMerge(GroupMergeMethod):
         ids = [entry.id for entry in entries]
         if len(entries) == 2 and base is None and first.ndim >= 2 and _equal_per_model(parameters, ids):
             _two_model_notice()
+        elif first.ndim >= 2 and _low_rank_part_cancels(parameters, ids, base is not None):
+            _cancellation_notice(len(entries), parameters, base is not None)
         config = LoreConfig(
             mu=[parameters["mu"][i] for i in ids],
             mu_ratio=[parameters["mu_ratio"][i] for i in ids],
@@ -160,6 +163,45 @@ class LoreMerge(GroupMergeMethod):
 def _equal_per_model(parameters: dict, ids: list) -> bool:
     """True when both models get the same threshold settings (the degenerate case)."""
     return all(len({parameters[key][i] for i in ids}) == 1 for key in ("mu", "mu_ratio"))
+
+
+def _effective_base_weight(parameters: dict, has_base: bool) -> float:
+    """beta of the anchored problem (0 without a base or with base_mode: init)."""
+    return float(parameters["base_weight"]) if has_base and parameters["base_mode"] == "anchor" else 0.0
+
+
+def _low_rank_part_cancels(parameters: dict, ids: list, has_base: bool) -> bool:
+    """True when every task vector's combine coefficient equals the coupling 1/(beta + n).
+
+    The output is ``anchored_mean + sum_i (c_i - 1/(beta + n)) delta_i`` for the
+    linear combines, so the low-rank part then vanishes whatever the thresholds.
+    """
+    if parameters["combine"] == "ties" or (has_base and parameters["base_mode"] == "fixed"):
+        return False
+    try:
+        coefficients = linear_coefficients(
+            [parameters["weight"][i] for i in ids], parameters["combine"], parameters["lambda"]
+        )
+    except ValueError:
+        return False
+    coupling = 1.0 / (_effective_base_weight(parameters, has_base) + len(ids))
+    return all(math.isclose(c, coupling, rel_tol=1e-9, abs_tol=0.0) for c in coefficients)
+
+
+def _cancellation_notice(n: int, parameters: dict, has_base: bool) -> None:
+    global _CANCELLATION_NOTICE_SHOWN
+    if _CANCELLATION_NOTICE_SHOWN:
+        return
+    _CANCELLATION_NOTICE_SHOWN = True
+    beta = _effective_base_weight(parameters, has_base)
+    what = (f"the mean of the {n} models and the base counted {beta:g} times" if beta
+            else f"the plain mean of the {n} models (= linear)")
+    LOG.warning(
+        f"lore: with combine {parameters['combine']}, lambda {parameters['lambda']:g} and these weights "
+        f"every task vector enters with coefficient 1/(base_weight + n) = {1.0 / (beta + n):g}, which is "
+        f"exactly what theta_0 subtracts, so the low-rank part cancels: the result is {what}, whatever "
+        "mu. Choose another lambda for a low-rank merge. See the README."
+    )
 
 
 def _two_model_notice() -> None:

@@ -294,8 +294,15 @@ def _svt_randomized(
     if warm_start is not None and warm_start.shape[0] == cols and warm_start.shape[1]:
         warm = warm_start.to(x.dtype)
     sketch = min(short, max((warm.shape[1] if warm is not None else 0) + oversample, 2 * oversample))
+    sketch_limit = max(short // 4, 2 * oversample)  # beyond it the Gram route is cheaper
 
     while True:
+        if sketch > sketch_limit:
+            # Past a quarter of the short side a sketch round costs more than the
+            # Gram route (m^2 k), which is exact: switch instead of growing further.
+            result = _svt_gram(x, threshold)
+            result.backend = "randomized->gram"
+            return result
         fresh = sketch - (warm.shape[1] if warm is not None else 0)
         omega = torch.randn(cols, max(fresh, 0), generator=generator, dtype=x.dtype, device=x.device)
         if warm is not None:
@@ -318,13 +325,8 @@ def _svt_randomized(
             previous = factors
             # One power iteration: span(x x^T q) = span(x v) since q^T x = u' s v^T.
             q = torch.linalg.qr(x @ v, mode="reduced").Q
-        if sketch >= short // 2:
-            # Not low rank enough to certify cheaply: the exact Gram route.
-            result = _svt_gram(x, threshold)
-            result.backend = "randomized->gram"
-            return result
         warm = v
-        sketch = min(short, 2 * sketch) if grow else min(short, sketch + max(oversample, sketch // 2))
+        sketch = 2 * sketch if grow else sketch + max(oversample, sketch // 2)
 
 
 def spectral_norm(

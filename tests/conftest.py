@@ -28,6 +28,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from mergekit_lore.demo import lore_config  # noqa: E402,F401  (re-exported for the tests)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIGS = REPO_ROOT / "example_configs"
 FAMILY_SIZE = 3
@@ -101,32 +103,6 @@ def materialize_config(
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.write_text(yaml.safe_dump(config, sort_keys=False))
     return destination
-
-
-def lore_config(
-    models: Sequence[Path],
-    *,
-    base: Optional[Path] = None,
-    parameters: Optional[Dict[str, object]] = None,
-    per_model: Optional[Sequence[Dict[str, object]]] = None,
-    method: str = "lore",
-    dtype: str = "float32",
-    **extra: object,
-) -> dict:
-    """A mergekit config dict (use ``MergeRunner.run`` to write and run it)."""
-    entries = []
-    for index, model in enumerate(models):
-        entry: Dict[str, object] = {"model": str(Path(model).resolve())}
-        if per_model is not None and per_model[index]:
-            entry["parameters"] = dict(per_model[index])
-        entries.append(entry)
-    config: Dict[str, object] = {"merge_method": method, "models": entries, "dtype": dtype}
-    if base is not None:
-        config["base_model"] = str(Path(base).resolve())
-    if parameters:
-        config["parameters"] = dict(parameters)
-    config.update(extra)
-    return config
 
 
 # --------------------------------------------------------------------------- running

@@ -128,18 +128,7 @@ def _tied_bias_family(root: Path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     shape = demo.TinyLlamaShape(layers=1)
-    config = Qwen2Config(
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        vocab_size=shape.vocab,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = demo.llama_config(shape, Qwen2Config, tie_word_embeddings=True)
     torch.manual_seed(7)
     base_state = {k: v for k, v in Qwen2ForCausalLM(config).state_dict().items() if k != "lm_head.weight"}
 

@@ -97,7 +97,7 @@ def test_mu_ratio_is_relative_to_the_largest_singular_value():
     _, models = family(3)
     mean = sum(models) / 3
     sigma = [float(torch.linalg.matrix_norm((m - mean).double(), ord=2)) for m in models]
-    merged = merge_tensors(models, "lore", parameters={"mu_ratio": 0.3})
+    merged = merge_tensors(models, "lore", parameters={"mu_ratio": 0.3, "lambda": 1.0})
     solution = solve_lore(models, [0.3 * s for s in sigma])
     expected = solution.theta0() + sum(solution.delta(i) for i in range(3))
     assert torch.allclose(merged, expected, atol=1e-4)
@@ -135,7 +135,7 @@ def test_vectors_average_without_base_and_follow_the_base_when_pinned():
     base, models = family(3, shape=(32,))
     merged = merge_tensors(models, "lore", parameters={"combine": "sum", "lambda": 1.0})
     assert torch.allclose(merged, sum(models) / 3, atol=1e-6)  # deviations from the mean sum to 0
-    anchored = merge_tensors([base] + models, "lore", base_index=0, parameters={"combine": "average"})
+    anchored = merge_tensors([base] + models, "lore", base_index=0, parameters={"combine": "average", "lambda": 1.0})
     assert torch.allclose(anchored, sum(models) / 3, atol=1e-6)
     summed = merge_tensors([base] + models, "lore", base_index=0, parameters={"combine": "sum", "lambda": 0.5})
     assert torch.allclose(summed, base + 0.5 * sum(m - base for m in models), atol=1e-5)
@@ -171,7 +171,8 @@ def test_per_model_parameters_and_weights():
     _, models = family(3)
     merged = merge_tensors(
         models, "lore", ids=["a", "b", "c"],
-        parameters={"mu": {"a": 0.3, "b": 0.6, "c": 0.9}, "weight": [1.0, 2.0, 0.5], "combine": "average"},
+        parameters={"mu": {"a": 0.3, "b": 0.6, "c": 0.9}, "weight": [1.0, 2.0, 0.5], "combine": "average",
+                    "lambda": 1.0},
     )
     solution = solve_lore(models, [0.3, 0.6, 0.9], options=SolveOptions())
     weights = [1.0, 2.0, 0.5]
@@ -197,3 +198,42 @@ def test_two_model_thresholds_use_the_shared_spectrum():
     lore_merge(models, config, trim=None, sign_consensus=None, report=seen.append)
     sigma = float(torch.linalg.matrix_norm(((models[0] - models[1]) / 2).double(), ord=2))
     assert seen[0].thresholds == pytest.approx([0.3 * sigma, 0.5 * sigma], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "with_base, parameters, count",
+    [
+        (False, {"combine": "sum", "lambda": 1.0 / 3.0}, 3),  # coefficients 1/3 = 1/n
+        (False, {"combine": "average", "lambda": 1.0}, 3),  # the paper's setting
+        (True, {"combine": "sum", "lambda": 0.25, "base_weight": 1.0}, 3),  # 1/(beta + n)
+        (False, {"combine": "sum", "lambda": 0.5, "mu": {"m0": 0.2, "m1": 0.9}}, 2),  # unequal mu, n = 2
+    ],
+)
+def test_cancelling_coefficients_give_the_anchored_mean_and_a_notice(
+    monkeypatch, caplog, with_base, parameters, count
+):
+    """c_i = 1/(beta + n) for every model: the output is the anchored mean whatever mu."""
+    import mergekit_lore.method as method
+
+    monkeypatch.setattr(method, "_CANCELLATION_NOTICE_SHOWN", False)
+    base, models = family(count)
+    beta = parameters.get("base_weight", 1.0) if with_base else 0.0
+    expected = (beta * base + sum(models)) / (beta + count)
+    tensors = [base] + models if with_base else models
+    with caplog.at_level("WARNING", logger="mergekit_lore"):
+        merged = merge_tensors(
+            tensors, "lore", ids=(["base"] if with_base else []) + [f"m{i}" for i in range(count)],
+            base_index=0 if with_base else None, parameters=parameters,
+        )
+    assert torch.allclose(merged, expected, atol=1e-5)
+    assert "the low-rank part cancels" in caplog.text
+    # any other lambda keeps a low-rank part, and says nothing
+    monkeypatch.setattr(method, "_CANCELLATION_NOTICE_SHOWN", False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mergekit_lore"):
+        other = merge_tensors(
+            tensors, "lore", ids=(["base"] if with_base else []) + [f"m{i}" for i in range(count)],
+            base_index=0 if with_base else None, parameters={**parameters, "lambda": 0.9},
+        )
+    assert float((other - expected).norm() / expected.norm()) > 1e-4
+    assert "cancels" not in caplog.text

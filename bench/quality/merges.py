@@ -12,12 +12,12 @@ from typing import Dict, List, Optional, Sequence
 from mergekit_lore.demo import lore_config_yaml, run_mergekit_yaml
 
 MU_RATIOS = (0.02, 0.05, 0.1, 0.2, 0.4)
-LAMBDAS = (0.5, 1.0, 1.5)
+LAMBDAS = (0.25, 0.5, 1.0, 1.5)
 BASE_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 8.0)
 DARE_SEEDS = (0, 1, 2)
-TA_LAMBDAS = (0.5, 1.0)
+TA_LAMBDAS = (0.25, 0.5, 1.0)
 # The package defaults (mergekit_lore/method.py), spelled out so the rows say what ran.
-LORE_DEFAULTS = {"mu_ratio": 0.1, "lambda": 1.0, "combine": "sum", "solver": "fista",
+LORE_DEFAULTS = {"mu_ratio": 0.2, "lambda": 0.5, "combine": "sum", "solver": "fista",
                  "base_mode": "anchor", "base_weight": 1.0}
 
 
@@ -84,23 +84,32 @@ def baselines(scenario: str, models: Sequence[Path], base: Path) -> List[Merge]:
     return rows
 
 
+def lore_merge(scenario: str, models: Sequence[Path], name: str, *, group: str = "lore",
+               base_model: Optional[Path] = None, params: Optional[Dict[str, object]] = None,
+               per_model: Optional[List[Dict[str, object]]] = None, **tags: object) -> Merge:
+    """A ``lore`` row; its tags spell out every setting in effect (defaults included)."""
+    settings = dict(LORE_DEFAULTS)
+    if base_model is None:
+        settings.pop("base_mode")
+        settings.pop("base_weight")
+    settings.update(params or {})
+    settings.update(tags)
+    return Merge(scenario, name, group, "lore", list(models), base_model, dict(params or {}), per_model,
+                 tags={"family": "lore", "has_base": base_model is not None, "inputs": len(models), **settings})
+
+
 def lore_rows(scenario: str, models: Sequence[Path], base: Path, *, grid: bool = True) -> List[Merge]:
     """Without a base, each base_mode, cd vs fista, each combine, mu_ratio x lambda grid."""
     m = list(models)
 
     def row(name, group="lore", base_model=base, params=None, per_model=None, **tags):
-        settings = dict(LORE_DEFAULTS)
-        if base_model is None:
-            settings.pop("base_mode")
-            settings.pop("base_weight")
-        settings.update(params or {})
-        settings.update(tags)
-        return Merge(scenario, name, group, "lore", m, base_model, dict(params or {}), per_model,
-                     tags={"family": "lore", "has_base": base_model is not None, **settings})
+        return lore_merge(scenario, m, name, group=group, base_model=base_model, params=params,
+                          per_model=per_model, **tags)
 
     rows = [
         row("lore no base (defaults)", base_model=None),
-        row("lore no base lambda=0.5", base_model=None, params={"lambda": 0.5}),
+        row("lore no base lambda=1", base_model=None, params={"lambda": 1.0}),
+        row("lore no base lambda=0.25", base_model=None, params={"lambda": 0.25}),
         row("lore base init", params={"base_mode": "init"}),
         row("lore base fixed", params={"base_mode": "fixed"}),
         row("lore anchor solver=cd", params={"solver": "cd"}),
@@ -126,14 +135,8 @@ def pair_rows(models: Sequence[Path], base: Path) -> List[Merge]:
     rows = baselines(scenario, m, base)
 
     def row(name, base_model=base, params=None, per_model=None, group="lore", **tags):
-        settings = dict(LORE_DEFAULTS)
-        if base_model is None:
-            settings.pop("base_mode")
-            settings.pop("base_weight")
-        settings.update(params or {})
-        settings.update(tags)
-        return Merge(scenario, name, group, "lore", m, base_model, dict(params or {}), per_model,
-                     tags={"family": "lore", "has_base": base_model is not None, **settings})
+        return lore_merge(scenario, m, name, group=group, base_model=base_model, params=params,
+                          per_model=per_model, **tags)
 
     rows.append(row("lore no base (defaults; = linear)", base_model=None))
     for weight in BASE_WEIGHTS:
@@ -141,12 +144,15 @@ def pair_rows(models: Sequence[Path], base: Path) -> List[Merge]:
         rows.append(row(name, params={"base_weight": weight}, group="grid"))
     rows.append(row("lore base fixed", params={"base_mode": "fixed"}, group="grid", base_weight="inf"))
     rows.append(row("lore base init", params={"base_mode": "init"}))
-    rows.append(row("lore anchor lambda=0.5", params={"lambda": 0.5}))
+    rows.append(row("lore anchor lambda=1", params={"lambda": 1.0}))
+    # Unequal thresholds, with lambda 1: without a base and with unit weights, lambda = 1/2
+    # (the default) gives coefficients equal to the coupling 1/n, i.e. exactly the average.
     for a, b in ((0.05, 0.2), (0.2, 0.05)):
         per = [{"mu_ratio": a}, {"mu_ratio": b}]
-        rows.append(row(f"lore no base mu_ratio={a:g}/{b:g}", base_model=None, per_model=per,
+        rows.append(row(f"lore no base mu_ratio={a:g}/{b:g} lambda=1", base_model=None, per_model=per,
+                        params={"lambda": 1.0}, mu_ratio=f"{a:g}/{b:g}"))
+        rows.append(row(f"lore anchor mu_ratio={a:g}/{b:g} lambda=1", per_model=per, params={"lambda": 1.0},
                         mu_ratio=f"{a:g}/{b:g}"))
-        rows.append(row(f"lore anchor mu_ratio={a:g}/{b:g}", per_model=per, mu_ratio=f"{a:g}/{b:g}"))
     return rows
 
 

@@ -59,6 +59,31 @@ def _brief(r: Optional[dict]) -> Optional[dict]:
             "test": r["test"]}
 
 
+def _inputs(result, record) -> int:
+    """Number of merged models of a row (older results lack the tag)."""
+    if "inputs" in record["tags"]:
+        return int(record["tags"]["inputs"])
+    if record["scenario"] == "ckpt":
+        return len(result["ckpt_steps"]) - 1
+    if record["scenario"] == "pair":
+        return len(result["pair_domains"])
+    return len(result["domain_names"])
+
+
+def _low_rank_part_cancels(result, record) -> bool:
+    """True for an anchored ``sum`` row whose lambda equals the coupling 1 / (beta + n).
+
+    The output is ``anchored_mean + (lambda - 1/(beta + n)) * sum_i delta_i`` (unit
+    weights), so such a row is the anchored mean whatever the threshold: no low-rank
+    merge at all, and not a candidate for a default.
+    """
+    tags = record["tags"]
+    if tags.get("combine") != "sum" or tags.get("base_mode") != "anchor" or not tags.get("has_base"):
+        return False
+    coupling = 1.0 / (float(tags["base_weight"]) + _inputs(result, record))
+    return abs(float(tags["lambda"]) - coupling) < 1e-9
+
+
 def analyse(result) -> Dict[str, object]:
     """Selections on the val split, reported on the test split."""
     out: Dict[str, object] = {"by_scenario": {}}
@@ -97,15 +122,19 @@ def analyse(result) -> Dict[str, object]:
         for r in _rows(result, scenario, {"grid"}):
             tags = r["tags"]
             cells.setdefault((tags["mu_ratio"], tags["lambda"]), {})[scenario] = r
-    table = []
+    table, cancelled = [], []
     for (ratio, lam), by in sorted(cells.items()):
         if set(by) != set(best_val):
+            continue
+        if any(_low_rank_part_cancels(result, r) for r in by.values()):
+            cancelled.append({"mu_ratio": ratio, "lambda": lam})
             continue
         regrets = [by[s]["val"][d] - best_val[s][d] for s in by for d in best_val[s]]
         table.append({"mu_ratio": ratio, "lambda": lam, "max_regret_val": max(regrets),
                       "mean_regret_val": statistics.fmean(regrets),
                       "test_mean": {s: by[s]["test_mean"] for s in by},
                       "val_mean": {s: by[s]["val_mean"] for s in by}})
+    out["cancelled_grid_cells"] = cancelled
     if table:
         robust = min(table, key=lambda c: (c["max_regret_val"], c["mean_regret_val"]))
         out["grid_cells"] = table
@@ -171,8 +200,8 @@ def scenario_table(result, scenario) -> List[str]:
 
 def grid_table(result, scenario) -> List[str]:
     rows = [r for r in result["records"] if r["scenario"] == scenario and r["group"] == "grid" and _ok(r)]
-    if len(rows) < 4:
-        return []
+    if len({(r["tags"]["mu_ratio"], r["tags"]["lambda"]) for r in rows}) < 4:
+        return []  # the two-model "grid" is a base_weight sweep, not a mu_ratio x lambda grid
     linear = next((r for r in result["records"] if r["scenario"] == scenario and r["name"] == "linear"
                    and _ok(r)), None)
     ratios = sorted({r["tags"]["mu_ratio"] for r in rows})
@@ -265,7 +294,11 @@ def markdown(result) -> str:
                      f"domains, regret = loss minus the best merge of any method): mu_ratio {c['mu_ratio']:g}, "
                      f"lambda {c['lambda']:g}; worst regret {c['max_regret_val']:.4f}, mean "
                      f"{c['mean_regret_val']:.4f}; test mean "
-                     + ", ".join(f"{s} {v:.4f}" for s, v in c["test_mean"].items()) + ".")
+                     + ", ".join(f"{s} {v:.4f}" for s, v in c["test_mean"].items()) + "."
+                     + (" Cells left out because their low-rank part cancels exactly (lambda = 1/(base_weight + n) "
+                        "with unit weights: the output is the anchored mean whatever mu_ratio): "
+                        + ", ".join(f"({x['mu_ratio']:g}, {x['lambda']:g})" for x in a.get("cancelled_grid_cells", []))
+                        + "." if a.get("cancelled_grid_cells") else ""))
     if "pair_best_base_weight_by_val" in a:
         c = a["pair_best_base_weight_by_val"]
         lines.append(f"- **Two-model base_weight** (by val): {c['base_weight']} ({c['base_mode']}), "
@@ -324,10 +357,14 @@ def plot(result, path: Path) -> None:
         ax.axvline(0, color="k", lw=0.8)
         ax.set_xlabel("mean test loss minus linear (nats/token; lower is better)")
         ax.set_title(f"{scenario}: linear = {ref:.4f}", fontsize=9)
-        span = sorted(abs(v) for v in values)
-        if len(span) > 3:  # keep the un-merged outliers from flattening the merges
-            limit = span[int(0.85 * (len(span) - 1))] * 1.3
-            ax.set_xlim(-limit, limit)
+        positive = sorted(v for v in values if v > 0)
+        right = positive[int(0.8 * (len(positive) - 1))] * 1.3 if positive else 0.05
+        right = max(right, 0.02)
+        left = min(min(values) * 1.3, -0.1 * right)
+        ax.set_xlim(left, right)
+        for y, v in enumerate(values):  # bars cut off at the right edge get their value
+            if v > right:
+                ax.text(right, y, f" {v:+.2f}", va="center", ha="right", fontsize=5, color="white")
     col = 0
     for scenario in grids:
         ax = fig.add_subplot(spec[1, col])
@@ -340,18 +377,21 @@ def plot(result, path: Path) -> None:
         for r in rows:
             grid[ratios.index(r["tags"]["mu_ratio"])][lams.index(r["tags"]["lambda"])] = (
                 r["test_mean"] - linear["test_mean"])
-        bound = max(abs(v) for row in grid for v in row if not math.isnan(v)) or 1.0
+        finite = [v for row in grid for v in row if not math.isnan(v)]
+        bound = min(max(abs(v) for v in finite) or 1.0, 3 * max(abs(min(finite)), 0.02))
         image = ax.imshow(grid, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
         for i in range(len(ratios)):
             for j in range(len(lams)):
-                ax.text(j, i, f"{grid[i][j]:+.3f}", ha="center", va="center", fontsize=7)
+                value = grid[i][j]
+                ax.text(j, i, f"{value:+.3f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(value) > 0.6 * bound else "black")
         ax.set_xticks(range(len(lams)))
         ax.set_xticklabels([f"{l:g}" for l in lams])
         ax.set_yticks(range(len(ratios)))
         ax.set_yticklabels([f"{r:g}" for r in ratios])
         ax.set_xlabel("lambda")
         ax.set_ylabel("mu_ratio")
-        ax.set_title(f"{scenario}: lore anchor grid, test loss minus linear", fontsize=9)
+        ax.set_title(f"{scenario}: lore anchor grid, test loss minus linear (colours clipped)", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046)
     if has_pair:
         ax = fig.add_subplot(spec[1, col])

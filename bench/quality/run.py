@@ -17,6 +17,7 @@ merges always run again. See README.md in this folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -47,14 +48,14 @@ from bench.quality import train as qtrain  # noqa: E402
 PRESETS = {
     "full": dict(
         shape=qtrain.Shape(hidden=128, intermediate=352, layers=4, heads=4, kv_heads=2, vocab=1024, seq_len=128),
-        pretrain=qtrain.Schedule(steps=360, lr=3e-3, warmup=20, batch=8),
-        finetune=qtrain.Schedule(steps=80, lr=1e-3, warmup=8, batch=8),
-        ckpt_every=20,
+        pretrain=qtrain.Schedule(steps=700, lr=3e-3, warmup=30, batch=16),
+        finetune=qtrain.Schedule(steps=100, lr=1e-3, warmup=10, batch=16),
+        ckpt_every=25,
         ckpt_count=4,
         max_chars=1_500_000,
         chunk_chars=4000,
-        eval_val=24,
-        eval_test=40,
+        eval_val=16,
+        eval_test=32,
         merges="full",
     ),
     "tiny": dict(
@@ -83,7 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="where results.md/json and quality.png go (default: bench/quality/results)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for training, scoring and each mergekit-yaml run (default 1: on a "
+                             "shared 2-core machine OpenMP's spin-waiting makes 2 threads up to 100x slower "
+                             "for the small matrices here)")
     parser.add_argument("--only", default="", help="comma-separated scenarios to merge (task,ckpt,pair)")
     parser.add_argument("--keep-merges", action="store_true", help="keep merged model folders")
     return parser.parse_args(argv)
@@ -149,14 +153,37 @@ def with_means(record: Dict[str, object], domains: List[str]) -> Dict[str, objec
     return record
 
 
+@contextlib.contextmanager
+def thread_limits(threads: int):
+    """Run with ``threads`` torch threads; subprocesses inherit the same limit."""
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
+    saved_env = {name: os.environ.get(name) for name in names}
+    saved_threads = torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved_threads)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def main(argv=None) -> Dict[str, object]:
     args = parse_args(argv)
+    with thread_limits(max(1, args.threads)):
+        return _main(args, argv)
+
+
+def _main(args: argparse.Namespace, argv) -> Dict[str, object]:
     preset = PRESETS[args.preset]
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     began = time.perf_counter()
     load_start = list(os.getloadavg())
     args.workdir = args.workdir.resolve()

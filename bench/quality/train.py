@@ -13,6 +13,9 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from mergekit_lore.demo import TinyLlamaShape
+from mergekit_lore.demo import llama_config as demo_llama_config
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -26,21 +29,10 @@ class Shape:
 
 
 def llama_config(shape: Shape, eos_id: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        vocab_size=shape.vocab,
-        max_position_embeddings=shape.seq_len,
-        tie_word_embeddings=False,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
-    )
+    tiny = TinyLlamaShape(hidden=shape.hidden, intermediate=shape.intermediate, layers=shape.layers,
+                          heads=shape.heads, kv_heads=shape.kv_heads, vocab=shape.vocab)
+    return demo_llama_config(tiny, max_position_embeddings=shape.seq_len,
+                             bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
 
 
 def new_model(shape: Shape, eos_id: int, seed: int):
