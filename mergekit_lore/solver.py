@@ -232,12 +232,13 @@ class _SvtStats:
         self.seconds += time.perf_counter() - began
         self.bases[key] = result.basis
         self.backends[key] = result.backend
-        self.nuclear[key] = float(result.nuclear_norm) if result.rank else 0.0
+        # kept as a tensor: converting here would sync a GPU once per SVT
+        self.nuclear[key] = result.nuclear_norm if result.rank else None
         return result.factors
 
     def solution(self, anchor, coupling, deltas, thresholds, iterations, change, converged) -> LoreSolution:
         keys = sorted(self.backends)
-        nuclear = [self.nuclear[k] for k in keys]
+        nuclear = [0.0 if self.nuclear[k] is None else float(self.nuclear[k]) for k in keys]
         if len(deltas) == 2 and len(keys) == 1:  # the symmetric two-model solution
             nuclear = nuclear * 2
         return LoreSolution(
