@@ -338,14 +338,15 @@ def ratio(a: Optional[float], b: Optional[float]) -> str:
 
 
 def wall_table(configs: Sequence[Config]) -> str:
-    by_method = {c.method: c for c in configs if c.method in ("linear", "ties")}
-    ties = by_method.get("ties")
-    linear = by_method.get("linear")
+    # references of the same input count, measured in the same run
+    references = {(c.inputs, c.method): c for c in configs if c.method in ("linear", "ties")}
     lines = [
         "| inputs | config | median wall s | runs (s) | / ties | / linear |",
         "|---|---|---|---|---|---|",
     ]
     for c in configs:
+        ties = references.get((c.inputs, "ties"))
+        linear = references.get((c.inputs, "linear"))
         runs = ", ".join(f"{t:.1f}" for t in c.times) or c.failed
         if c.failed and c.times:
             runs += f" ({c.failed})"
