@@ -235,6 +235,27 @@ def time_call(fn, device, timeout) -> Tuple[Optional[float], object]:
     return time.perf_counter() - began, value
 
 
+def timed_runs(row: "Row", call, runs: int, ref_dense, device, args) -> Optional[SVTResult]:
+    """Time ``call(run)`` up to ``runs`` times into ``row``; a timed-out call ends it, a
+    slow one is not repeated (``--single-run-above``). Rank, error and backend come
+    from the last result, which is returned."""
+    last: Optional[SVTResult] = None
+    for run in range(runs):
+        seconds, value = time_call(lambda: call(run), device, args.timeout)
+        if seconds is None:
+            row.timed_out = args.timeout
+            break
+        row.times.append(seconds)
+        last = value
+        if seconds > args.single_run_above:
+            break
+    if last is not None:
+        row.rank = last.rank
+        row.error = relative_error(last.factors, ref_dense)
+        row.picked = last.backend
+    return last
+
+
 def bench_shape(
     rows: int,
     cols: int,
@@ -297,24 +318,10 @@ def bench_shape(
             runs = args.runs
             if backend == "exact" and big:
                 runs = args.exact_runs or 1
-            last: Optional[SVTResult] = None
-            for run in range(runs):
-                seconds, value = time_call(
-                    lambda: svt(x, threshold, backend=backend, seed=args.seed + run),
-                    device,
-                    args.timeout,
-                )
-                if seconds is None:
-                    row.timed_out = args.timeout
-                    break
-                row.times.append(seconds)
-                last = value
-                if seconds > args.single_run_above:
-                    break  # a slow call is not repeated (see --single-run-above)
-            if last is not None:
-                row.rank = last.rank
-                row.error = relative_error(last.factors, ref_dense)
-                row.picked = last.backend
+            last = timed_runs(
+                row, lambda run: svt(x, threshold, backend=backend, seed=args.seed + run),
+                runs, ref_dense, device, args,
+            )
             if backend == "auto":
                 row.picked = (
                     f"{last.backend if last is not None else '?'}"
@@ -340,24 +347,12 @@ def bench_shape(
                 row.note = "warm-up call timed out"
                 row.timed_out = args.timeout
             else:
-                last = None
-                for run in range(args.runs):
-                    seconds, value = time_call(
-                        lambda: svt(x, threshold, backend="randomized", warm_start=prior.basis, seed=args.seed + run),
-                        device,
-                        args.timeout,
-                    )
-                    if seconds is None:
-                        row.timed_out = args.timeout
-                        break
-                    row.times.append(seconds)
-                    last = value
-                    if seconds > args.single_run_above:
-                        break
-                if last is not None:
-                    row.rank = last.rank
-                    row.error = relative_error(last.factors, ref_dense)
-                    row.picked = last.backend
+                timed_runs(
+                    row,
+                    lambda run: svt(x, threshold, backend="randomized", warm_start=prior.basis,
+                                    seed=args.seed + run),
+                    args.runs, ref_dense, device, args,
+                )
             rows_out.append(row)
             log(format_progress(row))
         del ref_dense

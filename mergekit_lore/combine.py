@@ -14,6 +14,7 @@ Pure torch.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Literal, Sequence
 
 import torch
@@ -45,6 +46,25 @@ def linear_coefficients(
     if combine == "sum":
         return [scale * float(w) for w in weights]
     raise ValueError(f"linear_coefficients: combine must be average or sum, got {combine!r}")
+
+
+def low_rank_part_cancels(
+    weights: Sequence[float], combine: str, scale: float, base_weight: float
+) -> bool:
+    """True when every linear combine coefficient equals the coupling ``1/(beta + n)``.
+
+    ``theta_0`` subtracts ``sum_i delta_i / (beta + n)`` (``beta`` the anchor weight,
+    0 without one), so the output ``anchored_mean + sum_i (c_i - 1/(beta + n)) delta_i``
+    is then the anchored mean whatever the thresholds. Never true for ``ties``.
+    """
+    if combine not in ("average", "sum"):
+        return False
+    try:
+        coefficients = linear_coefficients(weights, combine, scale)
+    except ValueError:
+        return False
+    coupling = 1.0 / (base_weight + len(weights))
+    return all(math.isclose(c, coupling, rel_tol=1e-9, abs_tol=0.0) for c in coefficients)
 
 
 def ties_combine(

@@ -26,7 +26,7 @@ from mergekit.merge_methods.base import (
 from mergekit.merge_methods.generalized_task_arithmetic import get_mask
 from mergekit.sparsify import SparsificationMethod, sparsify
 
-from mergekit_lore.combine import COMBINES, linear_coefficients
+from mergekit_lore.combine import COMBINES, low_rank_part_cancels
 from mergekit_lore.lore import BASE_MODES, LoreConfig, lore_merge
 from mergekit_lore.report import active_report
 from mergekit_lore.solver import SOLVERS, SolveOptions
@@ -34,8 +34,7 @@ from mergekit_lore.svt import BACKENDS
 
 LOG = logging.getLogger("mergekit_lore")
 METHOD_NAME = "lore"
-_TWO_MODEL_NOTICE_SHOWN = False
-_CANCELLATION_NOTICE_SHOWN = False
+_NOTICES_SHOWN: set = set()  # each notice is logged once per process
 
 
 def _checked(name: str, value_type: Any, ok: Callable[[Any], bool], expectation: str) -> Any:
@@ -171,32 +170,29 @@ def _effective_base_weight(parameters: dict, has_base: bool) -> float:
 
 
 def _low_rank_part_cancels(parameters: dict, ids: list, has_base: bool) -> bool:
-    """True when every task vector's combine coefficient equals the coupling 1/(beta + n).
+    """The combine coefficients cancel the low-rank part (see ``low_rank_part_cancels``)."""
+    if has_base and parameters["base_mode"] == "fixed":
+        return False  # theta_0 is the base: nothing is subtracted
+    return low_rank_part_cancels(
+        [parameters["weight"][i] for i in ids],
+        parameters["combine"],
+        parameters["lambda"],
+        _effective_base_weight(parameters, has_base),
+    )
 
-    The output is ``anchored_mean + sum_i (c_i - 1/(beta + n)) delta_i`` for the
-    linear combines, so the low-rank part then vanishes whatever the thresholds.
-    """
-    if parameters["combine"] == "ties" or (has_base and parameters["base_mode"] == "fixed"):
-        return False
-    try:
-        coefficients = linear_coefficients(
-            [parameters["weight"][i] for i in ids], parameters["combine"], parameters["lambda"]
-        )
-    except ValueError:
-        return False
-    coupling = 1.0 / (_effective_base_weight(parameters, has_base) + len(ids))
-    return all(math.isclose(c, coupling, rel_tol=1e-9, abs_tol=0.0) for c in coefficients)
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _NOTICES_SHOWN:
+        _NOTICES_SHOWN.add(key)
+        LOG.warning(message)
 
 
 def _cancellation_notice(n: int, parameters: dict, has_base: bool) -> None:
-    global _CANCELLATION_NOTICE_SHOWN
-    if _CANCELLATION_NOTICE_SHOWN:
-        return
-    _CANCELLATION_NOTICE_SHOWN = True
     beta = _effective_base_weight(parameters, has_base)
     what = (f"the mean of the {n} models and the base counted {beta:g} times" if beta
             else f"the plain mean of the {n} models (= linear)")
-    LOG.warning(
+    _warn_once(
+        "cancellation",
         f"lore: with combine {parameters['combine']}, lambda {parameters['lambda']:g} and these weights "
         f"every task vector enters with coefficient 1/(base_weight + n) = {1.0 / (beta + n):g}, which is "
         f"exactly what theta_0 subtracts, so the low-rank part cancels: the result is {what}, whatever "
@@ -205,14 +201,11 @@ def _cancellation_notice(n: int, parameters: dict, has_base: bool) -> None:
 
 
 def _two_model_notice() -> None:
-    global _TWO_MODEL_NOTICE_SHOWN
-    if _TWO_MODEL_NOTICE_SHOWN:
-        return
-    _TWO_MODEL_NOTICE_SHOWN = True
-    LOG.warning(
+    _warn_once(
+        "two models",
         "lore: two models, no base model and equal thresholds. The LoRE optimum is then "
         "symmetric (theta_0 = mean, delta_2 = -delta_1): combine average or sum gives "
         "exactly the linear average, and ties sees opposite signs everywhere. For a merge "
         "that differs from `linear`, give a base_model (base_mode: anchor) or unequal "
-        "per-model `mu`/`mu_ratio`. See the README."
+        "per-model `mu`/`mu_ratio` with a lambda other than 0.5. See the README."
     )

@@ -274,6 +274,19 @@ class MergeJobs:
                     self.submit(name)
 
 
+@pytest.fixture(scope="module")
+def merges(merge_runner, request) -> MergeJobs:
+    """The merge jobs of the requesting module, from its module-level ``JOBS``."""
+    return MergeJobs(merge_runner, request.module.JOBS, request)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _queue_merges(request):
+    """Queue a module's merges when it starts, so they run while its first tests do."""
+    if hasattr(request.module, "JOBS"):
+        request.getfixturevalue("merges").prefetch()
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "merges(*names): mergekit-yaml runs the test uses (queued ahead of time)"

@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 from mergekit_lore.method import LORE_PARAMETERS
 
 from conftest import (
-    MergeJobs,
     assert_loads_and_runs,
     assert_merge_ok,
     config_json,
@@ -194,16 +193,6 @@ def nan_model(family, tmp_path_factory):
     state[NAN_TENSOR][3, 5] = float("nan")
     save_file(state, str(shards[0]), metadata={"format": "pt"})
     return broken
-
-
-@pytest.fixture(scope="module")
-def merges(merge_runner, request):
-    return MergeJobs(merge_runner, JOBS, request)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _queue_merges(merges):
-    merges.prefetch()
 
 
 @pytest.fixture(scope="module")

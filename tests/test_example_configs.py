@@ -11,7 +11,6 @@ import yaml
 
 from conftest import (
     EXAMPLE_CONFIGS,
-    MergeJobs,
     assert_loads_and_runs,
     assert_merge_ok,
     load_tensors,
@@ -30,16 +29,6 @@ def _job(example):
 
 
 JOBS = {f"example_{example.stem}": _job(example) for example in EXAMPLES}
-
-
-@pytest.fixture(scope="module")
-def merges(merge_runner, request):
-    return MergeJobs(merge_runner, JOBS, request)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _queue_merges(merges):
-    merges.prefetch()
 
 
 def test_example_directory_is_not_empty():

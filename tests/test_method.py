@@ -215,7 +215,7 @@ def test_cancelling_coefficients_give_the_anchored_mean_and_a_notice(
     """c_i = 1/(beta + n) for every model: the output is the anchored mean whatever mu."""
     import mergekit_lore.method as method
 
-    monkeypatch.setattr(method, "_CANCELLATION_NOTICE_SHOWN", False)
+    monkeypatch.setattr(method, "_NOTICES_SHOWN", set())
     base, models = family(count)
     beta = parameters.get("base_weight", 1.0) if with_base else 0.0
     expected = (beta * base + sum(models)) / (beta + count)
@@ -228,7 +228,7 @@ def test_cancelling_coefficients_give_the_anchored_mean_and_a_notice(
     assert torch.allclose(merged, expected, atol=1e-5)
     assert "the low-rank part cancels" in caplog.text
     # any other lambda keeps a low-rank part, and says nothing
-    monkeypatch.setattr(method, "_CANCELLATION_NOTICE_SHOWN", False)
+    monkeypatch.setattr(method, "_NOTICES_SHOWN", set())
     caplog.clear()
     with caplog.at_level("WARNING", logger="mergekit_lore"):
         other = merge_tensors(

@@ -8,6 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from mergekit_lore.combine import low_rank_part_cancels
+
 SCENARIOS = {
     "task": "Scenario 1 - task merging (one fine-tune per domain, base = pre-trained model)",
     "ckpt": "Scenario 2 - checkpoint merging (last pre-training checkpoints, base = the checkpoint before the window)",
@@ -71,17 +73,14 @@ def _inputs(result, record) -> int:
 
 
 def _low_rank_part_cancels(result, record) -> bool:
-    """True for an anchored ``sum`` row whose lambda equals the coupling 1 / (beta + n).
-
-    The output is ``anchored_mean + (lambda - 1/(beta + n)) * sum_i delta_i`` (unit
-    weights), so such a row is the anchored mean whatever the threshold: no low-rank
-    merge at all, and not a candidate for a default.
-    """
+    """An anchored row whose low-rank part cancels exactly (unit weights): its output
+    is the anchored mean whatever the threshold, no low-rank merge and not a
+    candidate for a default."""
     tags = record["tags"]
-    if tags.get("combine") != "sum" or tags.get("base_mode") != "anchor" or not tags.get("has_base"):
+    if tags.get("base_mode") != "anchor" or not tags.get("has_base"):
         return False
-    coupling = 1.0 / (float(tags["base_weight"]) + _inputs(result, record))
-    return abs(float(tags["lambda"]) - coupling) < 1e-9
+    return low_rank_part_cancels([1.0] * _inputs(result, record), tags.get("combine", ""),
+                                 float(tags["lambda"]), float(tags["base_weight"]))
 
 
 def analyse(result) -> Dict[str, object]:

@@ -18,20 +18,14 @@ from mergekit_lore.demo import llama_config as demo_llama_config
 
 
 @dataclass(frozen=True)
-class Shape:
-    hidden: int = 128
-    intermediate: int = 352
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    vocab: int = 1024
+class Shape(TinyLlamaShape):
+    """The demo's Llama shape plus the training sequence length."""
+
     seq_len: int = 128
 
 
 def llama_config(shape: Shape, eos_id: int):
-    tiny = TinyLlamaShape(hidden=shape.hidden, intermediate=shape.intermediate, layers=shape.layers,
-                          heads=shape.heads, kv_heads=shape.kv_heads, vocab=shape.vocab)
-    return demo_llama_config(tiny, max_position_embeddings=shape.seq_len,
+    return demo_llama_config(shape, max_position_embeddings=shape.seq_len,
                              bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
 
 
