@@ -101,8 +101,8 @@ def resolve_thresholds(
             # theta_2 - mean = -(theta_1 - mean): same spectrum
             thresholds.append(float(ratio) * norms[0])
             continue
-        if work is None:
-            work = torch.empty_like(reference)
+        if work is None:  # row-major, whatever the layout of the inputs
+            work = torch.empty(reference.shape, dtype=reference.dtype, device=reference.device)
         work.copy_(theta).sub_(reference)
         norms.append(spectral_norm(work))
         thresholds.append(float(ratio) * norms[-1])

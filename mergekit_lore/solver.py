@@ -63,12 +63,17 @@ class SolveOptions:
 
 @dataclass
 class LoreSolution:
-    """``theta_0 = anchor - coupling * sum_i delta_i``; ``deltas`` as low-rank factors."""
+    """``theta_0 = anchor - coupling * sum_i delta_i``; ``deltas`` as low-rank factors.
+
+    ``base_weight`` is the anchor weight beta actually used (0 without an anchor or
+    with the base fixed), so ``coupling = 1 / (base_weight + n)`` unless the base is fixed.
+    """
 
     anchor: torch.Tensor
     coupling: float
     deltas: List[LowRank]
     thresholds: List[float]
+    base_weight: float = 0.0
     iterations: int = 0
     rel_change: float = 0.0
     converged: bool = True
@@ -100,7 +105,9 @@ def anchored_mean(
 ) -> torch.Tensor:
     """``(beta * base + sum_i theta_i) / (beta + n)`` in ``dtype`` (the plain mean if no base)."""
     beta = base_weight if base is not None else 0.0
-    total = torch.zeros_like(thetas[0], dtype=dtype)
+    # Row-major whatever the inputs' strides: every later product then rounds the
+    # same way for a transposed view as for its contiguous copy.
+    total = torch.zeros(thetas[0].shape, dtype=dtype, device=thetas[0].device)
     for theta in thetas:
         total.add_(theta.to(dtype))
     if beta:
@@ -137,13 +144,13 @@ def solve_lore(
     stats = _SvtStats(options)
 
     if fix_base:
-        anchor = base.to(dtype).clone()
+        anchor = base.to(dtype).clone(memory_format=torch.contiguous_format)
         work = torch.empty_like(anchor)
         deltas = []
         for theta, mu in zip(thetas, thresholds):
             work.copy_(theta).sub_(anchor)
             deltas.append(stats.run(work, mu, len(deltas)))
-        return stats.solution(anchor, 0.0, deltas, thresholds, 1, 0.0, True)
+        return stats.solution(anchor, 0.0, deltas, thresholds, 1, 0.0, True, 0.0)
 
     beta = base_weight if base is not None else 0.0
     anchor = anchored_mean(thetas, base, beta, dtype)
@@ -151,10 +158,10 @@ def solve_lore(
 
     if n == 2 and beta == 0.0 and thresholds[0] == thresholds[1]:
         # Minimum-norm point of the flat segment (see module docstring).
-        work = thetas[0].to(dtype) - anchor
+        work = torch.empty_like(anchor).copy_(thetas[0]).sub_(anchor)
         delta = stats.run(work, thresholds[0], 0)
         deltas = [delta, delta.scaled(-1.0)]
-        return stats.solution(anchor, coupling, deltas, thresholds, 1, 0.0, True)
+        return stats.solution(anchor, coupling, deltas, thresholds, 1, 0.0, True, beta)
 
     work = torch.empty_like(anchor)
     current = [LowRank.zeros(*anchor.shape, dtype=dtype, device=anchor.device)] * n
@@ -205,7 +212,7 @@ def solve_lore(
         ]
     if options.solver == "cd" and not converged:
         converged = change <= options.tol
-    return stats.solution(anchor, coupling, current, thresholds, iteration, change, converged)
+    return stats.solution(anchor, coupling, current, thresholds, iteration, change, converged, beta)
 
 
 class _SvtStats:
@@ -236,7 +243,9 @@ class _SvtStats:
         self.nuclear[key] = result.nuclear_norm if result.rank else None
         return result.factors
 
-    def solution(self, anchor, coupling, deltas, thresholds, iterations, change, converged) -> LoreSolution:
+    def solution(
+        self, anchor, coupling, deltas, thresholds, iterations, change, converged, base_weight
+    ) -> LoreSolution:
         keys = sorted(self.backends)
         nuclear = [0.0 if self.nuclear[k] is None else float(self.nuclear[k]) for k in keys]
         if len(deltas) == 2 and len(keys) == 1:  # the symmetric two-model solution
@@ -246,6 +255,7 @@ class _SvtStats:
             coupling=coupling,
             deltas=list(deltas),
             thresholds=[float(t) for t in thresholds],
+            base_weight=float(base_weight),
             iterations=iterations,
             rel_change=float(change),
             converged=converged,
