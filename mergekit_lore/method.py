@@ -1,93 +1,39 @@
 """The ``lore`` merge method: a thin adapter from mergekit's API to ``lore_merge``.
 
-Parameters are validated by pydantic when mergekit resolves them while
-planning, before any tensor is loaded, and by ``merge_tensors`` likewise.
+Parameters are declared in ``mergekit_lore.params`` and validated when mergekit
+resolves them while planning, before any tensor is loaded; unknown names in a config
+are rejected then too (``mergekit_lore.config_check``). Notices about merges that
+degenerate to averaging live in ``mergekit_lore.notices``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from typing import Any, Callable, Optional
+from typing import Any, Hashable, Optional, Sequence
 
 import torch
-from pydantic import AfterValidator
-from typing_extensions import Annotated
 
 from mergekit.merge_methods.base import (
     BasePolicy,
     GroupMergeMethod,
     InputContract,
     MergeMethodSpec,
-    ParameterScope,
-    ParameterSpec,
     TensorGroup,
 )
 from mergekit.merge_methods.generalized_task_arithmetic import get_mask
 from mergekit.sparsify import SparsificationMethod, sparsify
 
-from mergekit_lore.combine import COMBINES, low_rank_part_cancels
-from mergekit_lore.lore import BASE_MODES, LoreConfig, lore_merge
+from mergekit_lore.combine import low_rank_part_cancels
+from mergekit_lore.config_check import check_parameter_names, planning_config
+from mergekit_lore.lore import SolveReport, TensorSolve, lore_merge
+from mergekit_lore.notices import DEGENERACY, warn_once
+from mergekit_lore.params import LORE_PARAMETERS, PARAMETER_NAMES, lore_config
 from mergekit_lore.report import active_report
-from mergekit_lore.solver import SOLVERS, SolveOptions
-from mergekit_lore.svt import BACKENDS
 
 LOG = logging.getLogger("mergekit_lore")
 METHOD_NAME = "lore"
-_NOTICES_SHOWN: set = set()  # each notice is logged once per process
-
-
-def _checked(name: str, value_type: Any, ok: Callable[[Any], bool], expectation: str) -> Any:
-    """A pydantic type whose error names the ``lore`` parameter and what it accepts."""
-
-    def check(value: Any) -> Any:
-        if value is not None and not ok(value):
-            raise ValueError(
-                f"lore parameter '{name}' must be {expectation}; got {value!r}"
-            )
-        return value
-
-    return Annotated[value_type, AfterValidator(check)]
-
-
-def _choice(name: str, choices: tuple) -> Any:
-    return _checked(name, str, lambda v: v in choices, "one of " + ", ".join(choices))
-
-
-def _finite_at_least(name: str, low: float) -> Any:
-    return _checked(
-        name, float, lambda v: math.isfinite(v) and v >= low, f"a finite number >= {low:g}"
-    )
-
-
-LORE_PARAMETERS = (
-    ParameterSpec(
-        "mu", _checked("mu", Optional[float], lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 or null"),
-        ParameterScope.NON_BASE, default=None,
-        description="Absolute singular value threshold (the paper's mu); overrides mu_ratio.",
-    ),
-    ParameterSpec(
-        "mu_ratio", _finite_at_least("mu_ratio", 0.0), ParameterScope.NON_BASE, default=0.2,
-        description="Threshold as a fraction of the largest singular value of theta_i - reference.",
-    ),
-    ParameterSpec("weight", _checked("weight", float, math.isfinite, "a finite number"),
-                  ParameterScope.NON_BASE, default=1.0),
-    ParameterSpec(
-        "density", _checked("density", float, lambda v: 0 < v <= 1, "in (0, 1]"),
-        ParameterScope.NON_BASE, default=1.0,
-    ),
-    ParameterSpec("lambda", _checked("lambda", float, math.isfinite, "a finite number"),
-                  ParameterScope.SHARED, default=0.5),
-    ParameterSpec("combine", _choice("combine", COMBINES), ParameterScope.SHARED, default="sum"),
-    ParameterSpec("solver", _choice("solver", SOLVERS), ParameterScope.SHARED, default="fista"),
-    ParameterSpec("max_iter", _checked("max_iter", int, lambda v: v > 0, "a positive integer"),
-                  ParameterScope.SHARED, default=100),
-    ParameterSpec("tol", _checked("tol", float, lambda v: 0 < v < 1, "in (0, 1)"),
-                  ParameterScope.SHARED, default=1e-4),
-    ParameterSpec("base_mode", _choice("base_mode", BASE_MODES), ParameterScope.SHARED, default="anchor"),
-    ParameterSpec("base_weight", _finite_at_least("base_weight", 0.0), ParameterScope.SHARED, default=1.0),
-    ParameterSpec("svt_backend", _choice("svt_backend", BACKENDS), ParameterScope.SHARED, default="auto"),
-)
+# A task vector whose nuclear norm is below this share of its threshold counts as empty.
+NEGLIGIBLE_SHARE = 1e-3
 
 
 def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -109,15 +55,22 @@ class LoreMerge(GroupMergeMethod):
         contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=1),
     )
 
+    def validate_inputs(
+        self,
+        input_ids: Sequence[Hashable],
+        base_id: Optional[Hashable] = None,
+        *,
+        group_name: Optional[str] = None,
+    ) -> None:
+        """mergekit's input checks, plus (while planning) unknown parameter names."""
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
+        config = planning_config()
+        if config is not None:
+            check_parameter_names(config, PARAMETER_NAMES, METHOD_NAME)
+
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         name = group.metadata.name or "<unnamed tensor>"
-        for entry in group.entries:
-            if not torch.isfinite(entry.tensor).all():
-                role = "base model" if entry.is_base else "model"
-                raise ValueError(
-                    f"lore: tensor '{name}' of {role} '{entry.id}' contains NaN or Inf; "
-                    "repair or drop that model before merging"
-                )
+        _check_finite(group, name)
         entries = group.non_base
         base = group.base.tensor if group.base is not None else None
         if not entries:
@@ -127,36 +80,80 @@ class LoreMerge(GroupMergeMethod):
         if not pinned and all(torch.equal(entry.tensor, first) for entry in entries[1:]):
             return first  # one model, or identical models, and no base pulling on theta_0
         ids = [entry.id for entry in entries]
-        if len(entries) == 2 and base is None and first.ndim >= 2 and _equal_per_model(parameters, ids):
-            _two_model_notice()
-        elif first.ndim >= 2 and _low_rank_part_cancels(parameters, ids, base is not None):
-            _cancellation_notice(len(entries), parameters, base is not None)
-        config = LoreConfig(
-            mu=[parameters["mu"][i] for i in ids],
-            mu_ratio=[parameters["mu_ratio"][i] for i in ids],
-            weights=[parameters["weight"][i] for i in ids],
-            densities=[parameters["density"][i] for i in ids],
-            scale=parameters["lambda"],
-            combine=parameters["combine"],
-            base_mode=parameters["base_mode"],
-            base_weight=parameters["base_weight"],
-            solve=SolveOptions(
-                solver=parameters["solver"],
-                max_iter=parameters["max_iter"],
-                tol=parameters["tol"],
-                svt_backend=parameters["svt_backend"],
-            ),
-        )
+        reason = _known_degeneracy(parameters, ids, base is not None) if first.ndim >= 2 else None
         merged = lore_merge(
             [entry.tensor for entry in entries],
-            config,
+            lore_config(parameters, ids),
             base=base,
             trim=_trim,
             sign_consensus=_sign_consensus,
-            report=active_report(ids),
+            report=_observer(active_report(ids), reason, parameters, base is not None),
             label=name,
         )
         return merged.to(first.dtype)
+
+
+def _check_finite(group: TensorGroup, name: str) -> None:
+    for entry in group.entries:
+        if not torch.isfinite(entry.tensor).all():
+            role = "base model" if entry.is_base else "model"
+            raise ValueError(
+                f"lore: tensor '{name}' of {role} '{entry.id}' contains NaN or Inf; "
+                "repair or drop that model before merging"
+            )
+
+
+def _known_degeneracy(parameters: dict, ids: list, has_base: bool) -> Optional[str]:
+    """Announce (once) settings whose low-rank part is zero whatever the weights hold."""
+    if len(ids) == 2 and not has_base and _equal_per_model(parameters, ids):
+        _two_model_notice()
+        return "two models" if parameters["combine"] != "ties" else None
+    if _low_rank_part_cancels(parameters, ids, has_base):
+        _cancellation_notice(len(ids), parameters, has_base)
+        return "cancelled"
+    return None
+
+
+def _observer(
+    report: Optional[SolveReport], reason: Optional[str], parameters: dict, has_base: bool
+) -> SolveReport:
+    """Counts every solved matrix for the end-of-merge notice, then passes it to ``report``."""
+    outcome = _degenerate_outcome(parameters, has_base)
+
+    def observe(solve: TensorSolve) -> None:
+        if solve.solution is not None:
+            found = reason
+            if found is None and _negligible(solve):
+                found = "empty"
+            elif found is None and not has_base and not any(solve.thresholds):
+                found = "no threshold"
+            DEGENERACY.record(found, outcome)
+        if report is not None:
+            report(solve)
+
+    return observe
+
+
+def _negligible(solve: TensorSolve) -> bool:
+    """Every task vector is zero, or keeps less than 1e-3 of its threshold in nuclear norm.
+
+    The latter is a threshold at the top singular value up to round-off (mu_ratio 1 with
+    an estimate of s_1 a hair below the true value).
+    """
+    solution = solve.solution
+    return all(
+        rank == 0 or nuclear <= NEGLIGIBLE_SHARE * mu
+        for rank, nuclear, mu in zip(solution.ranks, solution.nuclear_norms, solve.thresholds)
+    )
+
+
+def _degenerate_outcome(parameters: dict, has_base: bool) -> str:
+    """What a merge whose low-rank part is zero returns."""
+    if not has_base or parameters["base_mode"] == "init":
+        return "the plain mean of the models (= linear)"
+    if parameters["base_mode"] == "fixed":
+        return "the base model unchanged"
+    return f"the mean of the models and the base counted {parameters['base_weight']:g} times"
 
 
 def _equal_per_model(parameters: dict, ids: list) -> bool:
@@ -181,17 +178,11 @@ def _low_rank_part_cancels(parameters: dict, ids: list, has_base: bool) -> bool:
     )
 
 
-def _warn_once(key: str, message: str) -> None:
-    if key not in _NOTICES_SHOWN:
-        _NOTICES_SHOWN.add(key)
-        LOG.warning(message)
-
-
 def _cancellation_notice(n: int, parameters: dict, has_base: bool) -> None:
     beta = _effective_base_weight(parameters, has_base)
     what = (f"the mean of the {n} models and the base counted {beta:g} times" if beta
             else f"the plain mean of the {n} models (= linear)")
-    _warn_once(
+    warn_once(
         "cancellation",
         f"lore: with combine {parameters['combine']}, lambda {parameters['lambda']:g} and these weights "
         f"every task vector enters with coefficient 1/(base_weight + n) = {1.0 / (beta + n):g}, which is "
@@ -201,7 +192,7 @@ def _cancellation_notice(n: int, parameters: dict, has_base: bool) -> None:
 
 
 def _two_model_notice() -> None:
-    _warn_once(
+    warn_once(
         "two models",
         "lore: two models, no base model and equal thresholds. The LoRE optimum is then "
         "symmetric (theta_0 = mean, delta_2 = -delta_1): combine average or sum gives "

@@ -1,0 +1,168 @@
+"""The ``lore`` parameters, declared once: names, scopes, defaults, checks, meanings.
+
+mergekit validates each value with these specs while it plans a merge, before any
+tensor is loaded (and ``merge_tensors`` likewise). ``lore_config`` turns the resolved
+values into the core's ``LoreConfig``. The README's parameter table, the benches and
+the CLI read defaults from here (``parameter_defaults``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
+
+from pydantic import PlainValidator
+from typing_extensions import Annotated
+
+from mergekit.merge_methods.base import ParameterScope, ParameterSpec
+
+from mergekit_lore.combine import COMBINES
+from mergekit_lore.lore import BASE_MODES, LoreConfig
+from mergekit_lore.solver import SOLVERS, SolveOptions
+from mergekit_lore.svt import BACKENDS
+
+
+class LoreParameterError(TypeError):
+    """A ``lore`` parameter has an unknown name, a wrong type or a value out of range.
+
+    A ``TypeError`` so that pydantic passes it through unchanged: the message, which
+    names the parameter and what it accepts, is the last line a user sees.
+    """
+
+
+def _parse_number(value: Any, integer: bool) -> Any:
+    """A real number from a Python or YAML scalar (``"1e-4"`` included), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        raise ValueError
+    number = float(value.strip()) if isinstance(value, str) else float(value)
+    if integer:
+        if not number.is_integer():
+            raise ValueError
+        return int(number)
+    return number
+
+
+def _number(name: str, ok: Callable[[float], bool], expectation: str, *,
+            integer: bool = False, optional: bool = False) -> Any:
+    """A pydantic type that parses a number and checks it, naming ``name`` on failure."""
+
+    def check(value: Any) -> Any:
+        if value is None and optional:
+            return None
+        try:
+            number = _parse_number(value, integer)
+        except (ValueError, OverflowError):
+            number = None
+        if number is None or not ok(number):
+            raise LoreParameterError(f"lore parameter '{name}' must be {expectation}; got {value!r}")
+        return number
+
+    return Annotated[Any, PlainValidator(check)]
+
+
+def _choice(name: str, choices: Tuple[str, ...]) -> Any:
+    def check(value: Any) -> Any:
+        if not isinstance(value, str) or value not in choices:
+            raise LoreParameterError(
+                f"lore parameter '{name}' must be one of {', '.join(choices)}; got {value!r}"
+            )
+        return value
+
+    return Annotated[Any, PlainValidator(check)]
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
+def _finite_non_negative(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
+# The single declaration of lore's parameters: names, scopes, defaults, checks and
+# meanings. The README table, the benches and the CLI read them from here.
+LORE_PARAMETERS: Tuple[ParameterSpec, ...] = (
+    ParameterSpec(
+        "mu", _number("mu", _finite_non_negative, "a finite number >= 0 or null", optional=True),
+        ParameterScope.NON_BASE, default=None,
+        description="Absolute singular value threshold (the paper's mu); overrides mu_ratio.",
+    ),
+    ParameterSpec(
+        "mu_ratio", _number("mu_ratio", _finite_non_negative, "a finite number >= 0"),
+        ParameterScope.NON_BASE, default=0.2,
+        description="Threshold as a fraction of the largest singular value of theta_i - reference.",
+    ),
+    ParameterSpec(
+        "weight", _number("weight", _finite, "a finite number"), ParameterScope.NON_BASE, default=1.0,
+        description="Model weight in combine.",
+    ),
+    ParameterSpec(
+        "density", _number("density", lambda v: 0 < v <= 1, "in (0, 1]"),
+        ParameterScope.NON_BASE, default=1.0,
+        description="Fraction kept by the TIES trim (combine: ties only).",
+    ),
+    ParameterSpec(
+        "lambda", _number("lambda", _finite, "a finite number"), ParameterScope.SHARED, default=0.5,
+        description="Scale of the combined task vector.",
+    ),
+    ParameterSpec(
+        "combine", _choice("combine", COMBINES), ParameterScope.SHARED, default="sum",
+        description="How the low-rank task vectors are combined: average, sum or ties.",
+    ),
+    ParameterSpec(
+        "solver", _choice("solver", SOLVERS), ParameterScope.SHARED, default="fista",
+        description="cd (the paper's coordinate descent) or fista (accelerated, stops at tol).",
+    ),
+    ParameterSpec(
+        "max_iter", _number("max_iter", lambda v: v > 0, "a positive integer", integer=True),
+        ParameterScope.SHARED, default=100,
+        description="Iteration cap of the solve.",
+    ),
+    ParameterSpec(
+        "tol", _number("tol", lambda v: 0 < v < 1, "in (0, 1)"), ParameterScope.SHARED, default=1e-4,
+        description="Relative stopping tolerance (fista).",
+    ),
+    ParameterSpec(
+        "base_mode", _choice("base_mode", BASE_MODES), ParameterScope.SHARED, default="anchor",
+        description="With a base_model: anchor (soft anchor), init (start from it) or fixed (theta_0 = base).",
+    ),
+    ParameterSpec(
+        "base_weight", _number("base_weight", _finite_non_negative, "a finite number >= 0"),
+        ParameterScope.SHARED, default=1.0,
+        description="Anchor strength beta of base_mode: anchor.",
+    ),
+    ParameterSpec(
+        "svt_backend", _choice("svt_backend", BACKENDS), ParameterScope.SHARED, default="auto",
+        description="SVT kernel: auto, exact, gram or randomized.",
+    ),
+)
+PARAMETER_NAMES: Tuple[str, ...] = tuple(spec.name for spec in LORE_PARAMETERS)
+
+
+def parameter_defaults() -> Dict[str, Any]:
+    """Default value of every ``lore`` parameter, from ``LORE_PARAMETERS``."""
+    return {spec.name: spec.default for spec in LORE_PARAMETERS}
+
+
+def lore_config(parameters: Mapping[str, Any], ids: Sequence[Any]) -> LoreConfig:
+    """The core's config from parameters as mergekit resolves them (per-model maps by id).
+
+    Every value comes from ``parameters``: this function has no defaults of its own.
+    """
+    return LoreConfig(
+        mu=[parameters["mu"][i] for i in ids],
+        mu_ratio=[parameters["mu_ratio"][i] for i in ids],
+        weights=[parameters["weight"][i] for i in ids],
+        densities=[parameters["density"][i] for i in ids],
+        scale=parameters["lambda"],
+        combine=parameters["combine"],
+        base_mode=parameters["base_mode"],
+        base_weight=parameters["base_weight"],
+        solve=SolveOptions(
+            solver=parameters["solver"],
+            max_iter=parameters["max_iter"],
+            tol=parameters["tol"],
+            svt_backend=parameters["svt_backend"],
+        ),
+    )
