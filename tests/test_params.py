@@ -156,3 +156,43 @@ def test_a_real_low_rank_merge_gets_no_degeneracy_notice():
     tensors = [torch.randn(24, 40, generator=generator) for _ in range(3)]
     merge_tensors(tensors, "lore")
     assert notices.DEGENERACY.flush() is None
+
+
+def run_mergekit_yaml_cli(config: dict, tmp_path: Path, *extra: str):
+    """The stock ``mergekit-yaml`` on ``config``, as a user runs it."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "lore.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    executable = Path(sys.executable).with_name("mergekit-yaml")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([str(executable), str(path), str(tmp_path / "out"), *extra],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parameters,expected", [
+    ({"lamda": 0.5}, "unknown parameter 'lamda' in the global parameters; did you mean 'lambda'?"),
+    ({"mu_ratio": "high"}, "lore parameter 'mu_ratio' must be a finite number >= 0; got 'high'"),
+    ({"max_iter": 2.5}, "lore parameter 'max_iter' must be a positive integer; got 2.5"),
+])
+def test_mergekit_yaml_ends_with_the_named_error(parameters, expected, family, tmp_path):
+    done = run_mergekit_yaml_cli(lore_config(family.models, parameters=parameters), tmp_path)
+    assert done.returncode != 0
+    assert expected in last_line(done.stderr), done.stderr[-3000:]
+    assert not written_tensors(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_mergekit_yaml_reports_a_degenerate_merge_at_the_end(family, tmp_path):
+    done = run_mergekit_yaml_cli(lore_config(family.models, parameters={"mu_ratio": 1.0}), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "low-rank part of this merge was empty" in done.stderr
