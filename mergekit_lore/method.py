@@ -28,7 +28,7 @@ from mergekit.sparsify import SparsificationMethod, sparsify
 
 from mergekit_lore.combine import COMBINES, low_rank_part_cancels
 from mergekit_lore.lore import BASE_MODES, LoreConfig, lore_merge
-from mergekit_lore.report import active_report
+from mergekit_lore.observers import active_report
 from mergekit_lore.solver import SOLVERS, SolveOptions
 from mergekit_lore.svt import BACKENDS
 

@@ -59,78 +59,30 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 
 import torch
 
-from mergekit_lore.lore import SolveReport, TensorSolve
-from mergekit_lore.svt import LowRank
+from mergekit_lore.lore import TensorSolve
+from mergekit_lore.observers import ENV_VARIABLE, active_report, capture_solves, forget, observe
+from mergekit_lore.svt import LowRank, lowrank_core
 
 LOG = logging.getLogger("mergekit_lore")
 
-ENV_VARIABLE = "MERGEKIT_LORE_REPORT"
 # A matrix counts as "low rank" in the summary when every model keeps at most this
 # fraction of its full rank min(m, k).
 LOW_RANK_FRACTION = 0.25
 
-# (solve, model names in input order) -> None
-SolveSink = Callable[[TensorSolve, List[str]], None]
-
-_LOCK = threading.RLock()
-_SINKS: List[SolveSink] = []
+_LOCK = threading.RLock()  # guards the environment report
 _ENV_REPORT: Optional["LoreReport"] = None
 _ATEXIT_REGISTERED = False
 
 
-# --------------------------------------------------------------------------- hooks
+# --------------------------------------------------------------------------- the environment report
 
 
-def active_report(models: Optional[Sequence[Any]] = None) -> Optional[SolveReport]:
-    """The report callback for the current run, or None when no report was asked for.
+def environment_report() -> Optional["LoreReport"]:
+    """The report named by ``MERGEKIT_LORE_REPORT`` (opened lazily, closed at exit).
 
-    ``models``: the ids of the non-base inputs in input order (``str()`` of each is the
-    name in the report). When not given, the positions ``"0", "1", ...`` are used.
+    Called by ``observers.active_sinks``; closes the previous report when the variable
+    was unset or changed.
     """
-    sinks = _active_sinks()
-    if not sinks:
-        return None
-    names = [str(m) for m in models] if models is not None else None
-
-    def report(solve: TensorSolve) -> None:
-        n = len(solve.thetas)
-        labels = names if names is not None and len(names) == n else [str(i) for i in range(n)]
-        for sink in sinks:
-            sink(solve, list(labels))
-
-    return report
-
-
-def _active_sinks() -> List[SolveSink]:
-    env = _env_report()
-    with _LOCK:
-        sinks = list(_SINKS)
-    if env is not None:
-        sinks.append(env)
-    return sinks
-
-
-@contextlib.contextmanager
-def capture_solves(callback: SolveSink) -> Iterator[SolveSink]:
-    """Route every ``TensorSolve`` of this process to ``callback(solve, models)`` inside the block.
-
-    The callback runs in the thread that solved the tensor; it must be thread-safe.
-    Exceptions it raises propagate into the merge.
-    """
-    with _LOCK:
-        _SINKS.append(callback)
-    try:
-        yield callback
-    finally:
-        with _LOCK:
-            for index in range(len(_SINKS) - 1, -1, -1):
-                if _SINKS[index] is callback:
-                    del _SINKS[index]
-                    break
-
-
-def _env_report() -> Optional["LoreReport"]:
-    """The report named by ``MERGEKIT_LORE_REPORT`` (opened lazily, closed at exit)."""
     global _ENV_REPORT, _ATEXIT_REGISTERED
     value = os.environ.get(ENV_VARIABLE, "").strip()
     current = _ENV_REPORT
@@ -168,9 +120,7 @@ def lowrank_singular_values(matrix: LowRank) -> torch.Tensor:
     """Singular values (float64, descending) of ``left @ right.T`` from the r x r core."""
     if matrix.rank == 0:
         return torch.zeros(0, dtype=torch.float64)
-    r_left = torch.linalg.qr(matrix.left.double(), mode="r").R
-    r_right = torch.linalg.qr(matrix.right.double(), mode="r").R
-    return torch.linalg.svdvals(r_left @ r_right.T).cpu()
+    return torch.linalg.svdvals(lowrank_core(matrix, dtype=torch.float64)).cpu()
 
 
 def _sq(x: torch.Tensor) -> float:
@@ -266,7 +216,7 @@ def solve_record(solve: TensorSolve, models: Optional[Sequence[str]] = None) -> 
 
 
 def _anchor_term(solve: TensorSolve) -> float:
-    """``beta/2 ||theta_0 - theta_base||^2``, recovered from the anchor and coupling.
+    """``beta/2 ||theta_0 - theta_base||^2`` with beta = ``solution.base_weight``.
 
     ``anchor = (beta base + sum theta_i) / (beta + n)``, ``coupling = 1 / (beta + n)``, so
     ``theta_0 - base = (sum theta_i - n anchor) / beta - coupling * sum delta_i``.
@@ -275,7 +225,7 @@ def _anchor_term(solve: TensorSolve) -> float:
     n = len(solve.thetas)
     if solution is None or solution.coupling <= 0:
         return 0.0
-    beta = 1.0 / solution.coupling - n
+    beta = float(solution.base_weight)
     if beta <= 1e-9 * n:
         return 0.0
     anchor = solution.anchor.double()
@@ -378,22 +328,12 @@ class LoreReport:
         return text
 
     def __enter__(self) -> "LoreReport":
-        with _LOCK:
-            _SINKS.append(self)
+        observe(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        with _LOCK:
-            for index in range(len(_SINKS) - 1, -1, -1):
-                if _SINKS[index] is self:
-                    del _SINKS[index]
-                    break
+        forget(self)
         self.close()
-
-
-def lore_report(path: Union[str, os.PathLike, None] = None, **kwargs: Any) -> LoreReport:
-    """``with lore_report("report.jsonl") as report: ...`` (same as ``LoreReport``)."""
-    return LoreReport(path, **kwargs)
 
 
 def read_report(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:

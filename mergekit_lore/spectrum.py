@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from mergekit_lore.configs import read_merge_config, source_models
+
 
 def gram_singular_values(x: torch.Tensor) -> torch.Tensor:
     """All singular values of a 2-D tensor (float64, descending) via ``eigvalsh`` of its Gram matrix."""
@@ -87,18 +89,6 @@ def _default_selection(names: Sequence[str], shapes: Dict[str, Sequence[int]]) -
     return [n for n in matrices if re.search(rf"\.{middle}\.", n)]
 
 
-def _load_config(config: Any):
-    import yaml
-    from mergekit.config import MergeConfiguration
-
-    if isinstance(config, MergeConfiguration):
-        return config
-    text = str(config)
-    if "\n" not in text and os.path.exists(text):
-        text = Path(text).read_text(encoding="utf-8")
-    return MergeConfiguration.model_validate(yaml.safe_load(text))
-
-
 def task_vector_spectra(
     config: Any,
     *,
@@ -114,9 +104,7 @@ def task_vector_spectra(
     from mergekit.io.tasks import LoaderCache
     from mergekit.options import MergeOptions
 
-    from mergekit_lore.export import source_models
-
-    config = _load_config(config)
+    config, _ = read_merge_config(config)
     models = source_models(config)
     if not models:
         raise ValueError("spectrum: the config has no models")
