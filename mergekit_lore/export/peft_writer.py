@@ -58,6 +58,7 @@ def write_adapter(plan: AdapterPlan, module_map: ModuleMap, base_path: Path, dir
     if plan.has_lora:
         config = lora_config(plan.info, module_map, base_path)
         state = peft_state(module_map, config, plan, dtype)
+        config.base_model_name_or_path = str(base_path)  # PEFT set it to where the module map was read
         config.save_pretrained(str(directory))
         save_file(state, str(directory / ADAPTER_FILE), metadata={"format": "pt"})
     if plan.residual:
