@@ -5,8 +5,7 @@ The configs never import ``mergekit_lore``: the method is found through the
 ``.pth`` autoload hook, so every passing merge here also proves the hook.
 Numerical checks compare against expectations computed independently (the
 ``linear`` / ``ties`` methods of mergekit, or plain tensor arithmetic on the
-input checkpoints), using identities that hold for the LoRE problem
-(``LORE_SPEC.md``).
+input checkpoints), using identities that hold for the LoRE problem.
 """
 
 from __future__ import annotations
@@ -187,7 +186,7 @@ def test_merge_without_base(family, inputs, lore_no_base_defaults, linear_3):
     assert all(t.dtype == torch.float32 for t in merged.values())
     linear = linear_3
     assert_merge_ok(linear)
-    # The defaults must not silently reduce to `linear` (LORE_SPEC) ...
+    # The defaults must not silently reduce to `linear` ...
     assert max_relative_difference(merged, linear.tensors()) > 1e-3
     # ... and move from the average towards task arithmetic over the TRUE base
     # (which lore never sees) at the default lambda: the family is base + planted

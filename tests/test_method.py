@@ -74,7 +74,7 @@ def test_default_three_model_merge_is_low_rank_and_not_the_mean():
     merged = merge_tensors(models, "lore")
     mean = sum(models) / 3
     assert float((merged - mean).norm() / mean.norm()) > 1e-3
-    # average with lambda 1 is exactly the mean (LORE_SPEC)
+    # average with lambda 1 is exactly the mean (theta_0 + mean(delta_i) at any solution)
     averaged = merge_tensors(models, "lore", parameters={"combine": "average", "lambda": 1.0})
     assert torch.allclose(averaged, mean, atol=1e-5)
 

@@ -7,7 +7,6 @@ import threading
 
 import pytest
 import reference
-import torch
 
 import mergekit_lore  # noqa: F401  (registers the lore method)
 from mergekit.merge_methods import merge_tensors
