@@ -26,7 +26,13 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from mergekit_lore.demo import build_family, lore_config  # noqa: E402,F401  (lore_config: for the tests)
-from mergekit_lore.runner import console_script, load_weights, offline_env, run_console_script  # noqa: E402
+from mergekit_lore.runner import (  # noqa: E402
+    console_script,
+    load_weights,
+    offline_env,
+    run_console_script,
+    run_mergekit_yaml,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIGS = REPO_ROOT / "example_configs"
@@ -181,7 +187,7 @@ def run_merge_yaml(config_or_path: Union[dict, str, Path], out_dir: Path, *extra
         config = write_config(config_or_path, out_dir.with_name(out_dir.name + ".yml"))
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    done = run_cli("mergekit-yaml", str(config), str(out_dir), *extra, timeout=timeout)
+    done = run_mergekit_yaml(config, out_dir, *extra, env=subprocess_env(), timeout=timeout)
     return MergeResult(config, out_dir, done.returncode, done.stdout, done.stderr)
 
 
