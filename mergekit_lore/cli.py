@@ -3,7 +3,9 @@
 - ``mergekit-lore demo WORKDIR``: build a tiny Llama family and merge it with ``mergekit-yaml``.
 - ``mergekit-lore export CONFIG OUT [--merged] [--export-dtype D] [mergekit options]``:
   run the lore merge through mergekit and write ``OUT/base`` (theta_0) plus one PEFT LoRA
-  adapter per source model under ``OUT/adapters`` (see ``mergekit_lore.export``).
+  adapter per source model under ``OUT/adapters`` (see ``mergekit_lore.export``); written
+  into a temporary sibling of OUT and renamed into place, so an interrupted export leaves
+  OUT as it was.
 - ``mergekit-lore spectrum CONFIG --out fig.png [--layers PATTERN ...]``: plot the singular
   value decay of the task vectors (see ``mergekit_lore.spectrum``).
 
@@ -41,7 +43,9 @@ def demo(workdir: Path, count: int) -> None:
               help="Also keep the merged model in OUT/merged (otherwise it goes to a temp dir that is removed).")
 @click.option("--export-dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
               show_default=True, help="dtype of OUT/base and the adapters; auto: the config's out_dtype/dtype, else float32.")
-@click.option("--force", is_flag=True, help="Replace existing OUT/base, OUT/adapters (and OUT/merged).")
+@click.option("--force", is_flag=True,
+              help="Replace an existing export in OUT (other files in OUT stay). OUT changes only once the "
+                   "export is complete.")
 @add_merge_options
 def export(
     merge_options: MergeOptions,

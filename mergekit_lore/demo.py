@@ -8,14 +8,14 @@ the structure LoRE-Merging assumes.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
+
+from mergekit_lore.runner import load_weights, run_mergekit_yaml  # noqa: F401  (part of the demo's API)
 
 DEMO_TEXT = (
     "model merging combines the weights of fine tuned language models into one model "
@@ -188,24 +188,6 @@ def lore_config(
 def lore_config_yaml(models: Sequence[Path], **options: object) -> str:
     """``lore_config`` as YAML text (JSON is valid YAML)."""
     return json.dumps(lore_config(models, **options), indent=2) + "\n"
-
-
-def run_mergekit_yaml(config_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    """Run the stock ``mergekit-yaml`` CLI of this environment as a subprocess."""
-    executable = Path(sys.executable).with_name("mergekit-yaml")
-    command = [str(executable) if executable.exists() else "mergekit-yaml", str(config_path), str(out), *extra]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run(command, capture_output=True, text=True, env=env)
-
-
-def load_weights(path: Path) -> Dict[str, torch.Tensor]:
-    """All tensors of a safetensors model directory."""
-    from safetensors.torch import load_file
-
-    weights: Dict[str, torch.Tensor] = {}
-    for shard in sorted(Path(path).glob("*.safetensors")):
-        weights.update(load_file(str(shard)))
-    return weights
 
 
 def run_demo(workdir: Path, *, count: int = 3) -> Path:

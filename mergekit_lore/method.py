@@ -27,8 +27,8 @@ from mergekit_lore.combine import low_rank_part_cancels
 from mergekit_lore.config_check import check_parameter_names, planning_config
 from mergekit_lore.lore import SolveReport, TensorSolve, lore_merge
 from mergekit_lore.notices import DEGENERACY, warn_once
+from mergekit_lore.observers import active_report
 from mergekit_lore.params import LORE_PARAMETERS, PARAMETER_NAMES, lore_config
-from mergekit_lore.report import active_report
 
 LOG = logging.getLogger("mergekit_lore")
 METHOD_NAME = "lore"

@@ -13,6 +13,7 @@ down to ~1e-7 of the largest value, and several times cheaper than a full SVD).
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
 import os
 import re
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
+
+from mergekit_lore.configs import read_merge_config, source_models
 
 
 def gram_singular_values(x: torch.Tensor) -> torch.Tensor:
@@ -87,16 +90,50 @@ def _default_selection(names: Sequence[str], shapes: Dict[str, Sequence[int]]) -
     return [n for n in matrices if re.search(rf"\.{middle}\.", n)]
 
 
-def _load_config(config: Any):
-    import yaml
-    from mergekit.config import MergeConfiguration
+def _shared_tensor_names(loaders, base_loader) -> List[str]:
+    """Tensors every model (and the base, if any) has, in the first model's order."""
+    first = next(iter(loaders.values()))
+    names = [n for n in first.index.tensor_paths if all(n in l.index.tensor_paths for l in loaders.values())]
+    if base_loader is not None:
+        names = [n for n in names if n in base_loader.index.tensor_paths]
+    return names
 
-    if isinstance(config, MergeConfiguration):
-        return config
-    text = str(config)
-    if "\n" not in text and os.path.exists(text):
-        text = Path(text).read_text(encoding="utf-8")
-    return MergeConfiguration.model_validate(yaml.safe_load(text))
+
+def _tensor_shapes(loader, names: Sequence[str]) -> Dict[str, List[int]]:
+    """Shapes from the safetensors headers (no tensor is read), else by loading."""
+    from safetensors import safe_open
+
+    shapes: Dict[str, List[int]] = {}
+    for name in names:
+        path = os.path.join(loader.index.base_path, loader.index.tensor_paths[name])
+        if loader.index.is_safetensors:
+            with safe_open(path, framework="pt") as handle:
+                shapes[name] = list(handle.get_slice(name).get_shape())
+        else:
+            shapes[name] = list(loader.get_tensor(name).shape)
+    return shapes
+
+
+def _select(names: Sequence[str], shapes, patterns: Sequence[str], max_tensors: int) -> List[str]:
+    if patterns:
+        selected = [n for n in names if _matches(n, patterns) and len(shapes[n]) >= 2]
+    else:
+        selected = _default_selection(names, shapes)
+    if not selected:
+        raise ValueError(
+            "spectrum: no 2-D weight matches " + (", ".join(patterns) if patterns else "the default selection")
+        )
+    return selected[:max_tensors]
+
+
+def _matrices_of(name: str, shape: Sequence[int]):
+    """``(index, label)`` of each matrix of a 2-D weight or a stack (``name[i,j]``)."""
+    if len(shape) == 2:
+        return [((), name)]
+    return [
+        (index, f"{name}[{','.join(map(str, index))}]")
+        for index in itertools.product(*(range(s) for s in shape[:-2]))
+    ]
 
 
 def task_vector_spectra(
@@ -114,9 +151,7 @@ def task_vector_spectra(
     from mergekit.io.tasks import LoaderCache
     from mergekit.options import MergeOptions
 
-    from mergekit_lore.export import source_models
-
-    config = _load_config(config)
+    config, _ = read_merge_config(config)
     models = source_models(config)
     if not models:
         raise ValueError("spectrum: the config has no models")
@@ -124,60 +159,26 @@ def task_vector_spectra(
     cache.setup(options or MergeOptions())
     loaders = {m: cache.get(m) for m in models}
     base_loader = cache.get(config.base_model) if config.base_model is not None else None
-
-    from safetensors import safe_open
-
-    first = loaders[models[0]]
-    names = [n for n in first.index.tensor_paths if all(n in l.index.tensor_paths for l in loaders.values())]
-    if base_loader is not None:
-        names = [n for n in names if n in base_loader.index.tensor_paths]
-    shapes: Dict[str, List[int]] = {}
-    for name in names:
-        path = os.path.join(first.index.base_path, first.index.tensor_paths[name])
-        if first.index.is_safetensors:
-            with safe_open(path, framework="pt") as handle:
-                shapes[name] = list(handle.get_slice(name).get_shape())
-        else:
-            shapes[name] = list(first.get_tensor(name).shape)
-    if patterns:
-        selected = [n for n in names if _matches(n, patterns) and len(shapes[n]) >= 2]
-    else:
-        selected = _default_selection(names, shapes)
-    if not selected:
-        raise ValueError(
-            "spectrum: no 2-D weight matches " + (", ".join(patterns) if patterns else "the default selection")
-        )
-    selected = selected[:max_tensors]
+    names = _shared_tensor_names(loaders, base_loader)
+    selected = _select(names, _tensor_shapes(loaders[models[0]], names), patterns, max_tensors)
 
     labels = [str(m) for m in models]
     values: Dict[str, Dict[str, List[float]]] = {}
     out_shapes: Dict[str, List[int]] = {}
-    tensor_labels: List[str] = []
     for name in selected:
         thetas = [loaders[m].get_tensor(name).double() for m in models]
         reference = base_loader.get_tensor(name).double() if base_loader is not None else sum(thetas) / len(thetas)
-        shape = thetas[0].shape
-        if len(shape) == 2:
-            pieces = [((), name)]
-        else:
-            import itertools
-
-            pieces = [
-                (index, f"{name}[{','.join(map(str, index))}]")
-                for index in itertools.product(*(range(s) for s in shape[:-2]))
-            ]
-        for index, label in pieces:
-            if len(tensor_labels) >= max_tensors:
+        for index, label in _matrices_of(name, thetas[0].shape):
+            if len(values) >= max_tensors:
                 break
             values[label] = {
                 model: gram_singular_values(theta[index] - reference[index]).tolist()
                 for model, theta in zip(labels, thetas)
             }
-            out_shapes[label] = list(shape[-2:])
-            tensor_labels.append(label)
+            out_shapes[label] = list(thetas[0].shape[-2:])
         del thetas, reference
     reference_label = f"reference: base model {config.base_model}" if base_loader is not None else "reference: mean of the models"
-    return Spectra(labels, tensor_labels, values, reference_label, out_shapes)
+    return Spectra(labels, list(values), values, reference_label, out_shapes)
 
 
 def plot_spectrum(

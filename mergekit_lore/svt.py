@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from typing import Literal, Optional, Tuple, Union
 
 import torch
 
@@ -79,9 +79,7 @@ def lowrank_norm(matrix: LowRank) -> torch.Tensor:
     """
     if matrix.rank == 0:
         return matrix.left.new_zeros(())
-    r_left = torch.linalg.qr(matrix.left, mode="r").R
-    r_right = torch.linalg.qr(matrix.right, mode="r").R
-    return torch.linalg.matrix_norm(r_left @ r_right.T)
+    return torch.linalg.matrix_norm(lowrank_core(matrix))
 
 
 def lowrank_distance(a: LowRank, b: LowRank) -> torch.Tensor:
@@ -92,6 +90,26 @@ def lowrank_distance(a: LowRank, b: LowRank) -> torch.Tensor:
 def lowrank_inner(a: LowRank, b: LowRank) -> torch.Tensor:
     """Frobenius inner product ``<a, b>`` without forming either matrix."""
     return ((a.left.T @ b.left) * (a.right.T @ b.right)).sum()
+
+
+def lowrank_core(
+    matrix: LowRank, *, dtype: Optional[torch.dtype] = None, bases: bool = False
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The r x r core ``C = R_left R_right^T`` of ``left @ right.T = Q_left C Q_right^T``.
+
+    Thin QRs of both factors (``dtype``: compute dtype, default the factors' own).
+    ``C`` has the singular values and Frobenius norm of the full m x k matrix, so
+    norms, spectra and an SVD (``U = Q_left U_C``, ``V^T = V_C^T Q_right^T``) cost
+    O((m + k) r^2) and keep the precision of a difference of nearly equal matrices.
+    Returns ``C``, or ``(Q_left, C, Q_right)`` with ``bases=True``.
+    """
+    left = matrix.left if dtype is None else matrix.left.to(dtype)
+    right = matrix.right if dtype is None else matrix.right.to(dtype)
+    if not bases:
+        return torch.linalg.qr(left, mode="r").R @ torch.linalg.qr(right, mode="r").R.T
+    q_left, r_left = torch.linalg.qr(left, mode="reduced")
+    q_right, r_right = torch.linalg.qr(right, mode="reduced")
+    return q_left, r_left @ r_right.T, q_right
 
 
 @dataclass

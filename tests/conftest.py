@@ -1,8 +1,8 @@
-"""Shared fixtures: a tiny local Llama family (built once per session) and helpers
-to run the installed ``mergekit-yaml`` on it.
+"""Shared test helpers: a tiny local Llama family and ``run_merge_yaml``, which runs the
+installed ``mergekit-yaml`` on a config and returns what it wrote.
 
-Nothing is downloaded: models come from ``mergekit_lore.demo.build_family`` and the
-hub is switched off for this process and every subprocess.
+Nothing is downloaded: models come from ``mergekit_lore.demo.build_family`` and the hub is
+switched off for this process and every subprocess (``mergekit_lore.runner``).
 """
 
 from __future__ import annotations
@@ -17,22 +17,29 @@ import copy  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable, Dict, Iterable, List, Optional, Sequence  # noqa: E402
+from typing import Dict, List, Optional, Sequence, Union  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from mergekit_lore.demo import lore_config  # noqa: E402,F401  (re-exported for the tests)
+from mergekit_lore.demo import build_family, lore_config  # noqa: E402,F401  (lore_config: for the tests)
+from mergekit_lore.runner import (  # noqa: E402
+    console_script,
+    load_weights,
+    offline_env,
+    run_console_script,
+    run_mergekit_yaml,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIGS = REPO_ROOT / "example_configs"
 FAMILY_SIZE = 3
+
+venv_executable = console_script  # a console script of this environment, e.g. "mergekit-yaml"
+load_tensors = load_weights  # all tensors of a saved model directory
 
 
 # --------------------------------------------------------------------------- family
@@ -40,7 +47,11 @@ FAMILY_SIZE = 3
 
 @dataclass(frozen=True)
 class Family:
-    """A base model and ``FAMILY_SIZE`` fine-tune-like variants (absolute paths)."""
+    """A base model and ``FAMILY_SIZE`` fine-tune-like variants (absolute paths).
+
+    Every matrix of a variant is the base plus a planted rank-4 update and dense noise
+    at 2% of the weight's RMS (``mergekit_lore.demo.fine_tune_like``).
+    """
 
     base: Path
     models: List[Path]
@@ -48,8 +59,6 @@ class Family:
 
 
 def _build(root: Path, dtype: torch.dtype) -> Family:
-    from mergekit_lore.demo import build_family
-
     built = build_family(root, FAMILY_SIZE, dtype=dtype)
     return Family(base=Path(built["base"]), models=[Path(p) for p in built["models"]], dtype=dtype)
 
@@ -69,6 +78,19 @@ def family_bf16(tmp_path_factory) -> Family:
 # --------------------------------------------------------------------------- configs
 
 
+def write_config(config: Union[dict, str, Path], path: Path) -> Path:
+    """Write ``config`` (a dict, YAML text, or a file to copy) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(config, dict):
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+    elif isinstance(config, Path):
+        shutil.copyfile(config, path)
+    else:
+        path.write_text(str(config))
+    return path
+
+
 def materialize_config(
     source,
     family: Family,
@@ -86,8 +108,7 @@ def materialize_config(
     if isinstance(source, dict):
         config = copy.deepcopy(source)
     else:
-        text = Path(source).read_text() if isinstance(source, Path) else str(source)
-        config = yaml.safe_load(text)
+        config = yaml.safe_load(Path(source).read_text() if isinstance(source, Path) else str(source))
     variants = list(models) if models is not None else list(family.models)
     entries = config.get("models") or []
     if len(entries) > len(variants):
@@ -97,20 +118,36 @@ def materialize_config(
             entry["model"] = str(variants[index])
         else:
             entries[index] = {"model": str(variants[index])}
-    if "base_model" in config and config["base_model"] is not None:
+    if config.get("base_model") is not None:
         config["base_model"] = str(base if base is not None else family.base)
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    destination.write_text(yaml.safe_dump(config, sort_keys=False))
-    return destination
+    return write_config(config, destination)
 
 
 # --------------------------------------------------------------------------- running
 
 
+def subprocess_env(**overrides: str) -> Dict[str, str]:
+    """Environment for CLI subprocesses: offline, and one math thread each.
+
+    The models are tiny; on a shared 2-core machine several OpenMP threads per
+    process only spin against each other (3x the CPU time under load).
+    """
+    env = offline_env()
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    env.update(overrides)
+    return env
+
+
+def run_cli(name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the installed console script ``name`` offline with one math thread."""
+    return run_console_script(name, *args, env=subprocess_env(), timeout=timeout)
+
+
 @dataclass
 class MergeResult:
-    name: str
+    """What one ``mergekit-yaml`` run returned and wrote."""
+
     config: Path
     out: Path
     returncode: int
@@ -137,160 +174,21 @@ class MergeResult:
         return load_tensors(self.out)
 
 
-def load_tensors(directory: Path) -> Dict[str, torch.Tensor]:
-    """All tensors of a saved model directory (every ``*.safetensors`` shard)."""
-    from safetensors.torch import load_file
+def run_merge_yaml(config_or_path: Union[dict, str, Path], out_dir: Path, *extra: str, timeout: float = 600) -> MergeResult:
+    """Run ``mergekit-yaml CONFIG OUT_DIR [extra...]`` and return the result.
 
-    tensors: Dict[str, torch.Tensor] = {}
-    shards = sorted(Path(directory).glob("*.safetensors"))
-    assert shards, f"no safetensors in {directory}"
-    for shard in shards:
-        tensors.update(load_file(str(shard)))
-    return tensors
-
-
-def subprocess_env(**overrides: str) -> Dict[str, str]:
-    """Environment for CLI subprocesses: offline, and one math thread each.
-
-    The models are tiny; on a shared 2-core machine several OpenMP threads per
-    process only spin against each other (3x the CPU time under load).
+    ``config_or_path``: a config dict or YAML text (written next to ``out_dir`` as
+    ``<out_dir>.yml``), or the path of a config file. ``out_dir`` is emptied first.
     """
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("MKL_NUM_THREADS", "1")
-    env.update(overrides)
-    return env
-
-
-def venv_executable(name: str) -> str:
-    """A console script of this interpreter's environment (e.g. ``mergekit-yaml``)."""
-    candidate = Path(sys.executable).with_name(name)
-    return str(candidate) if candidate.exists() else name
-
-
-def run_cli(name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the installed console script ``name`` (same as ``demo.run_mergekit_yaml``)."""
-    return subprocess.run(
-        [venv_executable(name), *args],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=timeout,
-    )
-
-
-class MergeRunner:
-    """Writes configs and runs the installed ``mergekit-yaml`` CLI as a subprocess.
-
-    Runs are keyed by name and happen once per session. They execute on a small
-    thread pool (each in its own subprocess), so a module can queue the merges
-    its selected tests need up front (see ``MergeJobs.prefetch``) and the tests
-    then wait only for their own; with two cores two merges run at a time.
-    """
-
-    def __init__(self, root: Path, workers: int = 2):
-        self.root = Path(root)
-        self.futures: Dict[str, Future] = {}
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergekit-yaml")
-        self.lock = threading.Lock()
-
-    def _write(self, name: str, config) -> Path:
-        path = self.root / f"{name}.yml"
-        if isinstance(config, dict):
-            path.write_text(yaml.safe_dump(config, sort_keys=False))
-        elif isinstance(config, Path):
-            shutil.copyfile(config, path)
-        else:
-            path.write_text(str(config))
-        return path
-
-    def _execute(self, name: str, path: Path, extra: Sequence[str]) -> MergeResult:
-        out = self.root / f"out_{name}"
-        if out.exists():
-            shutil.rmtree(out)
-        done = run_cli("mergekit-yaml", str(path), str(out), *extra)
-        return MergeResult(name, path, out, done.returncode, done.stdout, done.stderr)
-
-    def submit(self, name: str, config, *extra: str) -> Future:
-        """Queue the run ``name`` (once per session) and return its future."""
-        with self.lock:
-            if name not in self.futures:
-                path = self._write(name, config)
-                self.futures[name] = self.pool.submit(self._execute, name, path, extra)
-            return self.futures[name]
-
-    def run(self, name: str, config, *extra: str) -> MergeResult:
-        """Run ``name`` (or wait for the queued run) and return its result."""
-        return self.submit(name, config, *extra).result()
-
-    def run_many(self, jobs: Iterable[tuple]) -> List[MergeResult]:
-        """Run several ``(name, config, *extra)`` jobs concurrently."""
-        futures = [self.submit(*job) for job in jobs]
-        return [future.result() for future in futures]
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-@pytest.fixture(scope="session")
-def merge_runner(tmp_path_factory):
-    runner = MergeRunner(tmp_path_factory.mktemp("merges"))
-    yield runner
-    runner.close()
-
-
-class MergeJobs:
-    """Named merge jobs of one test module, built lazily from fixtures.
-
-    ``builders`` maps a job name to ``builder(jobs) -> config``; a builder gets
-    fixtures through ``jobs.fixture("family")``. Tests declare the jobs they use
-    with ``@pytest.mark.merges("name", ...)`` so ``prefetch`` can queue exactly the
-    jobs of the selected tests, in test order.
-    """
-
-    def __init__(self, runner: MergeRunner, builders: Dict[str, Callable], request):
-        self.runner = runner
-        self.builders = builders
-        self.request = request
-
-    def fixture(self, name: str):
-        return self.request.getfixturevalue(name)
-
-    def submit(self, name: str) -> Future:
-        if name not in self.runner.futures:
-            return self.runner.submit(name, self.builders[name](self))
-        return self.runner.futures[name]
-
-    def result(self, name: str) -> MergeResult:
-        return self.submit(name).result()
-
-    def prefetch(self) -> None:
-        module = self.request.module
-        for item in self.request.session.items:
-            if getattr(item, "module", None) is not module:
-                continue
-            for marker in item.iter_markers("merges"):
-                for name in marker.args:
-                    self.submit(name)
-
-
-@pytest.fixture(scope="module")
-def merges(merge_runner, request) -> MergeJobs:
-    """The merge jobs of the requesting module, from its module-level ``JOBS``."""
-    return MergeJobs(merge_runner, request.module.JOBS, request)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _queue_merges(request):
-    """Queue a module's merges when it starts, so they run while its first tests do."""
-    if hasattr(request.module, "JOBS"):
-        request.getfixturevalue("merges").prefetch()
-
-
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "merges(*names): mergekit-yaml runs the test uses (queued ahead of time)"
-    )
+    out_dir = Path(out_dir)
+    if isinstance(config_or_path, Path):
+        config = config_or_path
+    else:
+        config = write_config(config_or_path, out_dir.with_name(out_dir.name + ".yml"))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    done = run_mergekit_yaml(config, out_dir, *extra, env=subprocess_env(), timeout=timeout)
+    return MergeResult(config, out_dir, done.returncode, done.stdout, done.stderr)
 
 
 # --------------------------------------------------------------------------- checks

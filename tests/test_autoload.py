@@ -162,6 +162,7 @@ def test_registration_is_idempotent():
     assert out == {"results": [True, True, True], "count": 1, "same": True}
 
 
+@pytest.mark.slow
 def test_run_merge_from_python_uses_lore(family, tmp_path):
     config = lore_config(family.models, parameters={"max_iter": 20})
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -243,6 +244,7 @@ def test_failure_inside_register_function_warns():
     assert "could not register the 'lore' merge method" in result.stderr
 
 
+@pytest.mark.slow
 def test_mergekit_yaml_needs_the_hook(family, tmp_path):
     """Negative control for the e2e tests: with the hook off, stock mergekit-yaml
     does not know `lore` (so the e2e merges really go through the hook)."""

@@ -5,8 +5,7 @@ The configs never import ``mergekit_lore``: the method is found through the
 ``.pth`` autoload hook, so every passing merge here also proves the hook.
 Numerical checks compare against expectations computed independently (the
 ``linear`` / ``ties`` methods of mergekit, or plain tensor arithmetic on the
-input checkpoints), using identities that hold for the LoRE problem
-(``LORE_SPEC.md``).
+input checkpoints), using identities that hold for the LoRE problem.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from conftest import (
     config_json,
     load_tensors,
     lore_config,
+    run_merge_yaml,
 )
 
 ARXIV_URL = "https://arxiv.org/abs/2502.10749"
@@ -88,10 +88,9 @@ def relative_errors(actual, expected) -> Dict[str, float]:
     }
 
 
-# --------------------------------------------------------------------------- merge jobs
-# Every mergekit-yaml run of this module, by name. Tests name the runs they use
-# with @pytest.mark.merges(...); the runs of the selected tests are queued when
-# the module starts and execute two at a time.
+# --------------------------------------------------------------------------- merges
+# Runs that several tests compare against are module fixtures (run once); the others
+# run inside their test.
 
 PER_MODEL_TIES = [
     {"weight": 1.0, "density": 0.5},
@@ -109,65 +108,27 @@ BAD_PARAMETERS = {
 }
 
 
-def _models(jobs, key="family"):
-    return jobs.fixture(key).models
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e")
 
 
-def _base(jobs, key="family"):
-    return jobs.fixture(key).base
+@pytest.fixture(scope="module")
+def linear_3(family, runs):
+    """mergekit's own ``linear`` with equal weights: the plain mean."""
+    return run_merge_yaml(lore_config(family.models, method="linear", per_model=[{"weight": 1.0}] * 3),
+                          runs / "linear_3")
 
 
-JOBS = {
-    "linear_3": lambda j: lore_config(_models(j), method="linear", per_model=[{"weight": 1.0}] * 3),
-    "lore_no_base_defaults": lambda j: lore_config(_models(j)),
-    "lore_no_base_sum_lambda1": lambda j: lore_config(
-        _models(j), parameters={"combine": "sum", "lambda": 1.0, "mu_ratio": 0.1}
-    ),
-    "lore_with_base": lambda j: lore_config(_models(j), base=_base(j), parameters={"base_mode": "anchor"}),
-    "lore_average_lambda1": lambda j: lore_config(
-        _models(j), parameters={"combine": "average", "lambda": 1.0}
-    ),
-    "lore_huge_mu": lambda j: lore_config(
-        _models(j),
-        parameters={"mu": 1.0e6, "combine": "sum", "lambda": 2.5, "solver": "cd", "max_iter": 5},
-    ),
-    "lore_identical": lambda j: lore_config(j.fixture("clones"), parameters={"lambda": 1.7}),
-    "lore_identical_fixed_lambda0": lambda j: lore_config(
-        j.fixture("clones")[:2], base=_base(j), parameters={"base_mode": "fixed", "lambda": 0.0}
-    ),
-    "lore_fixed_lambda0": lambda j: lore_config(
-        _models(j), base=_base(j), parameters={"base_mode": "fixed", "lambda": 0.0}
-    ),
-    "lore_fixed_mu0_sum": lambda j: lore_config(
-        _models(j),
-        base=_base(j),
-        parameters={"base_mode": "fixed", "mu": 0.0, "combine": "sum", "lambda": TA_SCALE},
-        per_model=[{"weight": w} for w in TA_WEIGHTS],
-    ),
-    "lore_fixed_mu0_ties": lambda j: lore_config(
-        _models(j),
-        base=_base(j),
-        parameters={"base_mode": "fixed", "mu": 0.0, "combine": "ties", "lambda": 0.9},
-        per_model=PER_MODEL_TIES,
-    ),
-    "mergekit_ties": lambda j: lore_config(
-        _models(j), base=_base(j), method="ties", parameters={"lambda": 0.9}, per_model=PER_MODEL_TIES
-    ),
-    "lore_two_no_base": lambda j: lore_config(_models(j)[:2]),
-    "lore_bf16": lambda j: lore_config(_models(j, "family_bf16"), dtype="bfloat16"),
-    "lore_bf16_in_fp16_out": lambda j: lore_config(
-        _models(j, "family_bf16"), base=_base(j, "family_bf16"), dtype="float32", out_dtype="float16"
-    ),
-    "lore_nan": lambda j: lore_config(
-        [_models(j)[0], j.fixture("nan_model"), _models(j)[2]]
-    ),
-    **{
-        f"bad_{name}": (lambda parameters: lambda j: lore_config(_models(j), base=_base(j), parameters=parameters))(
-            parameters
-        )
-        for name, parameters in BAD_PARAMETERS.items()
-    },
-}
+@pytest.fixture(scope="module")
+def lore_no_base_defaults(family, runs):
+    return run_merge_yaml(lore_config(family.models), runs / "lore_no_base_defaults")
+
+
+@pytest.fixture(scope="module")
+def lore_with_base(family, runs):
+    return run_merge_yaml(lore_config(family.models, base=family.base, parameters={"base_mode": "anchor"}),
+                          runs / "lore_with_base")
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +168,8 @@ def inputs(family):
 # --------------------------------------------------------------------------- basic runs
 
 
-@pytest.mark.merges("lore_no_base_defaults", "linear_3")
-def test_merge_without_base(family, merges, inputs):
-    result = merges.result("lore_no_base_defaults")
+def test_merge_without_base(family, inputs, lore_no_base_defaults, linear_3):
+    result = lore_no_base_defaults
     assert_merge_ok(result)
     assert "mergekit_lore" not in result.config.read_text()
     logits = assert_loads_and_runs(result.out)
@@ -224,9 +184,9 @@ def test_merge_without_base(family, merges, inputs):
     merged = result.tensors()
     assert set(merged) == set(inputs["models"][0])
     assert all(t.dtype == torch.float32 for t in merged.values())
-    linear = merges.result("linear_3")
+    linear = linear_3
     assert_merge_ok(linear)
-    # The defaults must not silently reduce to `linear` (LORE_SPEC) ...
+    # The defaults must not silently reduce to `linear` ...
     assert max_relative_difference(merged, linear.tensors()) > 1e-3
     # ... and move from the average towards task arithmetic over the TRUE base
     # (which lore never sees) at the default lambda: the family is base + planted
@@ -238,24 +198,24 @@ def test_merge_without_base(family, merges, inputs):
         assert error < average_error[name], (name, error, average_error[name])
 
 
-@pytest.mark.merges("lore_no_base_sum_lambda1", "linear_3")
-def test_merge_without_base_recovers_task_vectors(merges, inputs):
+def test_merge_without_base_recovers_task_vectors(family, inputs, linear_3, tmp_path):
     """LoRE's point: without ever seeing the base, ``sum`` with lambda 1 lands near task
     arithmetic over the true base, ``base + sum_i (theta_i - base)``; plain averaging
     is far from it (about 0.44 relative on every matrix of this family)."""
-    result = merges.result("lore_no_base_sum_lambda1")
+    result = run_merge_yaml(
+        lore_config(family.models, parameters={"combine": "sum", "lambda": 1.0, "mu_ratio": 0.1}), tmp_path / "out"
+    )
     assert_merge_ok(result)
     target = task_arithmetic(inputs["base"], inputs["models"])
     lore_error = relative_errors(result.tensors(), target)
-    average_error = relative_errors(merges.result("linear_3").tensors(), target)
+    average_error = relative_errors(linear_3.tensors(), target)
     for name, error in lore_error.items():
         assert error < 0.2, f"{name}: {error:.3f} from task arithmetic on the true base"
         assert error < 0.5 * average_error[name], (name, error, average_error[name])
 
 
-@pytest.mark.merges("lore_with_base", "lore_no_base_defaults")
-def test_merge_with_base_anchor(family, merges, inputs):
-    result = merges.result("lore_with_base")
+def test_merge_with_base_anchor(family, inputs, lore_with_base, lore_no_base_defaults):
+    result = lore_with_base
     assert_merge_ok(result)
     assert_loads_and_runs(result.out)
     card = (result.out / "README.md").read_text()
@@ -273,38 +233,42 @@ def test_merge_with_base_anchor(family, merges, inputs):
         if tensor.ndim == 1:
             assert torch.allclose(merged[name].double(), tensor, atol=1e-5), name
     # the base changes the result
-    no_base = merges.result("lore_no_base_defaults").tensors()
+    no_base = lore_no_base_defaults.tensors()
     assert max_relative_difference(merged, no_base) > 1e-4
 
 
 # --------------------------------------------------------------------------- identities
 
 
-@pytest.mark.merges("lore_average_lambda1", "linear_3")
-def test_average_with_lambda_1_is_linear(merges, inputs):
+def test_average_with_lambda_1_is_linear(family, inputs, linear_3, tmp_path):
     """theta_0 + mean(delta) is the plain average at any LoRE solution."""
-    linear = merges.result("linear_3")
+    linear = linear_3
     assert_merge_ok(linear)
     # the reference itself is the mean of the inputs
     assert_same_tensors(linear.tensors(), _mean(inputs["models"]), atol=1e-6, what="linear")
-    result = merges.result("lore_average_lambda1")
+    result = run_merge_yaml(lore_config(family.models, parameters={"combine": "average", "lambda": 1.0}),
+                            tmp_path / "out")
     assert_merge_ok(result)
     assert_same_tensors(result.tensors(), linear.tensors(), atol=1e-5, what="lore average")
 
 
-@pytest.mark.merges("lore_huge_mu")
-def test_threshold_above_every_singular_value_gives_average(merges, inputs):
+def test_threshold_above_every_singular_value_gives_average(family, inputs, tmp_path):
     """mu larger than every singular value: all low-rank task vectors vanish,
     theta_0 is the mean, and the combine cannot move it (1-D task vectors
     theta_i - mean sum to zero), whatever combine and lambda are."""
-    result = merges.result("lore_huge_mu")
+    result = run_merge_yaml(
+        lore_config(
+            family.models,
+            parameters={"mu": 1.0e6, "combine": "sum", "lambda": 2.5, "solver": "cd", "max_iter": 5},
+        ),
+        tmp_path / "out",
+    )
     assert_merge_ok(result)
     assert_same_tensors(result.tensors(), _mean(inputs["models"]), atol=1e-5, what="huge mu")
 
 
-@pytest.mark.merges("lore_identical")
-def test_identical_models_give_that_model_back(merges, inputs):
-    result = merges.result("lore_identical")
+def test_identical_models_give_that_model_back(clones, inputs, tmp_path):
+    result = run_merge_yaml(lore_config(clones, parameters={"lambda": 1.7}), tmp_path / "out")
     assert_merge_ok(result)
     merged = result.tensors()
     expected = inputs["models"][0]
@@ -313,37 +277,60 @@ def test_identical_models_give_that_model_back(merges, inputs):
         assert torch.equal(merged[name], expected[name]), name
 
 
-@pytest.mark.merges("lore_fixed_lambda0")
-def test_fixed_base_with_lambda_0_gives_the_base(merges, inputs):
+def test_fixed_base_with_lambda_0_gives_the_base(family, inputs, tmp_path):
     """base_mode fixed pins theta_0 = base; lambda 0 drops every task vector."""
-    result = merges.result("lore_fixed_lambda0")
+    result = run_merge_yaml(
+        lore_config(family.models, base=family.base, parameters={"base_mode": "fixed", "lambda": 0.0}),
+        tmp_path / "out",
+    )
     assert_merge_ok(result)
     assert_same_tensors(result.tensors(), inputs["base"], atol=1e-7, what="fixed, lambda 0")
 
 
-@pytest.mark.merges("lore_identical_fixed_lambda0")
-def test_identical_models_on_a_fixed_base_with_lambda_0_give_the_base(merges, inputs):
+def test_identical_models_on_a_fixed_base_with_lambda_0_give_the_base(family, clones, inputs, tmp_path):
     """The identity above must not depend on whether the inputs happen to be equal."""
-    result = merges.result("lore_identical_fixed_lambda0")
+    result = run_merge_yaml(
+        lore_config(clones[:2], base=family.base, parameters={"base_mode": "fixed", "lambda": 0.0}),
+        tmp_path / "out",
+    )
     assert_merge_ok(result)
     assert_same_tensors(result.tensors(), inputs["base"], atol=1e-7, what="identical, fixed, lambda 0")
 
 
-@pytest.mark.merges("lore_fixed_mu0_sum")
-def test_fixed_base_without_threshold_is_task_arithmetic(merges, inputs):
+def test_fixed_base_without_threshold_is_task_arithmetic(family, inputs, tmp_path):
     """mu = 0 keeps task vectors whole; with theta_0 pinned to the base and
     combine: sum this is task arithmetic: base + lambda * sum_i w_i (theta_i - base)."""
-    result = merges.result("lore_fixed_mu0_sum")
+    result = run_merge_yaml(
+        lore_config(
+            family.models,
+            base=family.base,
+            parameters={"base_mode": "fixed", "mu": 0.0, "combine": "sum", "lambda": TA_SCALE},
+            per_model=[{"weight": w} for w in TA_WEIGHTS],
+        ),
+        tmp_path / "out",
+    )
     assert_merge_ok(result)
     expected = task_arithmetic(inputs["base"], inputs["models"], TA_WEIGHTS, TA_SCALE)
     assert_same_tensors(result.tensors(), expected, atol=1e-5, what="task arithmetic")
 
 
-@pytest.mark.merges("lore_fixed_mu0_ties", "mergekit_ties")
-def test_fixed_base_without_threshold_ties_matches_mergekit_ties(merges):
+def test_fixed_base_without_threshold_ties_matches_mergekit_ties(family, tmp_path):
     """With untruncated task vectors on a pinned base, ``combine: ties`` is TIES
     (same per-model density and weight, same lambda)."""
-    lore, ties = merges.result("lore_fixed_mu0_ties"), merges.result("mergekit_ties")
+    lore = run_merge_yaml(
+        lore_config(
+            family.models,
+            base=family.base,
+            parameters={"base_mode": "fixed", "mu": 0.0, "combine": "ties", "lambda": 0.9},
+            per_model=PER_MODEL_TIES,
+        ),
+        tmp_path / "lore",
+    )
+    ties = run_merge_yaml(
+        lore_config(family.models, base=family.base, method="ties", parameters={"lambda": 0.9},
+                    per_model=PER_MODEL_TIES),
+        tmp_path / "ties",
+    )
     assert_merge_ok(lore)
     assert_merge_ok(ties)
     got, want = lore.tensors(), ties.tensors()
@@ -358,11 +345,10 @@ def test_fixed_base_without_threshold_ties_matches_mergekit_ties(merges):
     assert mismatched <= max(5, total // 10000), f"{mismatched} of {total} entries differ from mergekit ties"
 
 
-@pytest.mark.merges("lore_two_no_base")
-def test_two_models_without_base_is_plain_average(merges, inputs):
+def test_two_models_without_base_is_plain_average(family, inputs, tmp_path):
     """n = 2, no base: the symmetric minimiser has theta_0 = mean and
     delta_2 = -delta_1, so combine: sum gives exactly the average; the method warns."""
-    result = merges.result("lore_two_no_base")
+    result = run_merge_yaml(lore_config(family.models[:2]), tmp_path / "out")
     assert_merge_ok(result)
     assert "two models, no base model and equal thresholds" in result.stderr
     assert_same_tensors(result.tensors(), _mean(inputs["models"][:2]), atol=1e-5, what="two models")
@@ -371,16 +357,18 @@ def test_two_models_without_base_is_plain_average(merges, inputs):
 # --------------------------------------------------------------------------- dtypes
 
 
-@pytest.mark.merges("lore_bf16", "lore_bf16_in_fp16_out", "lore_no_base_defaults", "lore_with_base")
-def test_bf16_inputs_and_output_dtype(merges):
+def test_bf16_inputs_and_output_dtype(family_bf16, lore_no_base_defaults, lore_with_base, tmp_path):
     """bf16 checkpoints merge; ``dtype`` / ``out_dtype`` set the saved dtype, and the
     result matches the float32 family's merge up to bf16 rounding."""
     cases = (
-        ("lore_bf16", torch.bfloat16, "lore_no_base_defaults"),  # dtype: bfloat16
-        ("lore_bf16_in_fp16_out", torch.float16, "lore_with_base"),  # dtype: float32, out_dtype: float16
+        ("lore_bf16", lore_config(family_bf16.models, dtype="bfloat16"), torch.bfloat16,
+         lore_no_base_defaults),
+        ("lore_bf16_in_fp16_out",
+         lore_config(family_bf16.models, base=family_bf16.base, dtype="float32", out_dtype="float16"),
+         torch.float16, lore_with_base),
     )
-    for name, dtype, fp32_twin in cases:
-        result = merges.result(name)
+    for name, config, dtype, fp32_twin in cases:
+        result = run_merge_yaml(config, tmp_path / name)
         assert_merge_ok(result)
         tensors = result.tensors()
         assert {t.dtype for t in tensors.values()} == {dtype}, name
@@ -388,16 +376,15 @@ def test_bf16_inputs_and_output_dtype(merges):
         assert_loads_and_runs(result.out)
         config = config_json(result.out)
         assert config.get("dtype", config.get("torch_dtype")) == str(dtype).replace("torch.", ""), name
-        twin = merges.result(fp32_twin).tensors()
+        twin = fp32_twin.tensors()
         assert max_relative_difference(tensors, twin) < 0.05, name
 
 
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.merges("lore_nan")
-def test_nan_in_one_model_fails_naming_tensor_and_model(merges, nan_model):
-    result = merges.result("lore_nan")
+def test_nan_in_one_model_fails_naming_tensor_and_model(family, nan_model, tmp_path):
+    result = run_merge_yaml(lore_config([family.models[0], nan_model, family.models[2]]), tmp_path / "out")
     assert result.returncode != 0, result.describe()
     assert NAN_TENSOR in result.stderr, result.describe()
     assert str(nan_model) in result.stderr, result.describe()
@@ -405,12 +392,11 @@ def test_nan_in_one_model_fails_naming_tensor_and_model(merges, nan_model):
     assert not (result.out / "config.json").exists()
 
 
-@pytest.mark.parametrize(
-    "parameter",
-    [pytest.param(name, marks=pytest.mark.merges(f"bad_{name}")) for name in sorted(BAD_PARAMETERS)],
-)
-def test_bad_parameter_fails_at_planning(parameter, merges):
-    result = merges.result(f"bad_{parameter}")
+@pytest.mark.parametrize("parameter", sorted(BAD_PARAMETERS))
+def test_bad_parameter_fails_at_planning(parameter, family, tmp_path):
+    result = run_merge_yaml(
+        lore_config(family.models, base=family.base, parameters=BAD_PARAMETERS[parameter]), tmp_path / "out"
+    )
     assert result.returncode != 0, result.describe()
     assert f"lore parameter '{parameter}'" in result.stderr, result.describe()
     # failed while planning: no tensor task ran and nothing was written

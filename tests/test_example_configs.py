@@ -15,20 +15,25 @@ from conftest import (
     assert_merge_ok,
     load_tensors,
     materialize_config,
+    run_merge_yaml,
 )
 
 EXAMPLES = sorted(p for p in EXAMPLE_CONFIGS.iterdir() if p.suffix in (".yml", ".yaml"))
 
 
-def _job(example):
-    def build(jobs):
-        destination = jobs.fixture("tmp_path_factory").mktemp("examples") / example.name
-        return materialize_config(example, jobs.fixture("family"), destination)
+@pytest.fixture(scope="module")
+def merge_example(family, tmp_path_factory):
+    """``merge_example(path)``: the example merged on the test family (each run once per module)."""
+    root = tmp_path_factory.mktemp("examples")
+    done = {}
 
-    return build
+    def merge(example):
+        if example.name not in done:
+            config = materialize_config(example, family, root / example.name)
+            done[example.name] = run_merge_yaml(config, root / f"out_{example.stem}")
+        return done[example.name]
 
-
-JOBS = {f"example_{example.stem}": _job(example) for example in EXAMPLES}
+    return merge
 
 
 def test_example_directory_is_not_empty():
@@ -56,12 +61,9 @@ def test_example_is_a_lore_config_with_placeholders(example):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "example",
-    [pytest.param(p, marks=pytest.mark.merges(f"example_{p.stem}"), id=p.name) for p in EXAMPLES],
-)
-def test_example_config_merges(example, merges):
-    result = merges.result(f"example_{example.stem}")
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_config_merges(example, merge_example):
+    result = merge_example(example)
     assert_merge_ok(result)
     assert_loads_and_runs(result.out)
     card = (result.out / "README.md").read_text()
@@ -69,11 +71,10 @@ def test_example_config_merges(example, merges):
 
 
 @pytest.mark.slow
-@pytest.mark.merges("example_lore-paper")
-def test_paper_preset_is_plain_averaging(family, merges):
+def test_paper_preset_is_plain_averaging(family, merge_example):
     """What the comment in lore-paper.yml says: average + lambda 1 is the mean of
     the inputs (here up to the example's bfloat16 rounding)."""
-    result = merges.result("example_lore-paper")
+    result = merge_example(EXAMPLE_CONFIGS / "lore-paper.yml")
     assert_merge_ok(result)
     merged = result.tensors()
     inputs = [load_tensors(model) for model in family.models]

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from mergekit_lore import demo
 from mergekit_lore.cli import main
 from mergekit_lore.export import MANIFEST_FILE, RESIDUAL_FILE, export_lore, load_source_model, split_factors
-from mergekit_lore.report import capture_solves
+from mergekit_lore.observers import capture_solves
 from mergekit_lore.svt import LowRank
 
 pytest.importorskip("peft")
@@ -242,3 +242,68 @@ def test_export_moe_experts_as_parameter_lora(tmp_path):
         # the checkpoint stores experts one by one; transformers fuses them on load
         source = MixtralForCausalLM.from_pretrained(info.name, dtype=torch.float32).state_dict()
         assert _relative_distance(state, source) == pytest.approx(info.relative_error, rel=1e-3)
+
+
+class InterruptAfter:
+    """Observer that raises ``KeyboardInterrupt`` at the ``count``-th solve (Ctrl-C mid-merge)."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.seen = 0
+
+    def __call__(self, solve, models):
+        self.seen += 1
+        if self.seen >= self.count:
+            raise KeyboardInterrupt
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _siblings(out: Path) -> list:
+    return sorted(p.name for p in out.parent.iterdir() if p.name != out.name)
+
+
+def test_interrupted_export_leaves_out_untouched(family, tmp_path):
+    """Ctrl-C in the middle of the merge: no OUT (or the previous one, byte for byte) and no temp dir."""
+    config = demo.lore_config_yaml(family.models, parameters={"max_iter": 2})
+    parent = tmp_path / "exports"
+    parent.mkdir()
+    out = parent / "export"
+    interrupt = InterruptAfter(5)
+    with pytest.raises(KeyboardInterrupt), capture_solves(interrupt):
+        export_lore(config, out)
+    assert interrupt.seen == 5
+    assert not out.exists() and _siblings(out) == []
+
+    # A previous export (and a file of the user's) in OUT, replaced with --force.
+    (out / "base").mkdir(parents=True)
+    (out / "base" / "model.safetensors").write_bytes(b"previous export")
+    (out / MANIFEST_FILE).write_text("{}\n")
+    (out / "notes.txt").write_text("mine\n")
+    before = _snapshot(out)
+    with pytest.raises(FileExistsError, match="--force"):
+        export_lore(config, out)
+    with capture_solves(InterruptAfter(5)):
+        result = CliRunner().invoke(main, ["export", str(config_file(tmp_path, config)), str(out), "--force"])
+    assert result.exit_code != 0 and isinstance(result.exception, (KeyboardInterrupt, SystemExit))
+    assert _snapshot(out) == before and _siblings(out) == []
+
+    # Not interrupted: the export replaces the previous one, the user's file stays.
+    result = export_lore(config, out, force=True)
+    assert _siblings(out) == []
+    assert (out / "notes.txt").read_text() == "mine\n"
+    assert (out / "base" / "model.safetensors").read_bytes() != b"previous export"
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert [m["name"] for m in manifest["models"]] == [str(m) for m in family.models]
+    for info in result.adapters.values():
+        assert info.path.parent.parent == out and info.path.is_dir()
+        adapter_config = json.loads((info.path / "adapter_config.json").read_text())
+        assert adapter_config["base_model_name_or_path"] == str(out / "base")
+
+
+def config_file(root: Path, text: str) -> Path:
+    path = root / "lore.yml"
+    path.write_text(text)
+    return path

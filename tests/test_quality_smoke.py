@@ -43,6 +43,7 @@ def _domain(folder: Path, text: str, files: int = 3, repeat: int = 12) -> str:
     return str(folder / "*.txt")
 
 
+@pytest.mark.slow
 def test_quality_pipeline_tiny(tmp_path):
     sys.path.insert(0, str(REPO))
     try:

@@ -6,33 +6,21 @@ import json
 import threading
 
 import pytest
-import torch
+import reference
 
 import mergekit_lore  # noqa: F401  (registers the lore method)
 from mergekit.merge_methods import merge_tensors
 from mergekit_lore import demo
-from mergekit_lore.report import (
-    ENV_VARIABLE,
-    LoreReport,
-    active_report,
-    capture_solves,
-    close_env_report,
-    layer_pattern,
-    read_report,
-)
-from mergekit_lore.solver import lore_objective
+from mergekit_lore.observers import ENV_VARIABLE, active_report, capture_solves
+from mergekit_lore.report import LoreReport, close_env_report, layer_pattern, read_report
 from mergekit_lore.svt import LowRank
+
+from conftest import run_merge_yaml
 
 
 def planted(m=48, k=40, rank=3, n=3, noise=0.01, seed=0):
     """A base and n models base + rank-``rank`` update + small dense noise."""
-    generator = torch.Generator().manual_seed(seed)
-    base = torch.randn(m, k, generator=generator)
-    thetas = []
-    for _ in range(n):
-        update = torch.randn(m, rank, generator=generator) @ torch.randn(rank, k, generator=generator)
-        thetas.append(base + update + noise * torch.randn(m, k, generator=generator))
-    return base, thetas
+    return reference.planted_family(n, (m, k), rank=rank, strength=1.0, noise=noise, seed=seed)
 
 
 class Captured:
@@ -89,11 +77,9 @@ def test_planted_rank_record_matches_solver(tmp_path):
         assert record["energy_kept"][i] == pytest.approx(energy, rel=1e-5)
         assert 0.9 < record["energy_kept"][i] < 1.0
         assert record["residual_norm"][i] == pytest.approx(float((task - delta).double().norm()), rel=1e-4)
-        assert record["nuclear_norm"][i] == pytest.approx(
-            float(torch.linalg.matrix_norm(delta.double(), ord="nuc")), rel=1e-5
-        )
+        assert record["nuclear_norm"][i] == pytest.approx(reference.nuclear_norm(delta), rel=1e-5)
         assert record["nuclear_norm"][i] == pytest.approx(solve.solution.nuclear_norms[i], rel=1e-4)
-    objective = lore_objective(thetas, solve.theta0, deltas, solve.thresholds)
+    objective = reference.lore_objective(thetas, solve.theta0, deltas, solve.thresholds)
     assert record["objective"] == pytest.approx(objective, rel=1e-6)
 
     summary = (tmp_path / "report.summary.txt").read_text()
@@ -117,7 +103,7 @@ def test_anchor_objective_and_vectors():
         merge_tensors([t[0] for t in thetas], "lore", name="norm.weight")
     matrix, vector = report.records
     (solve, deltas, _), _ = captured.solves
-    objective = lore_objective(thetas, solve.theta0, deltas, solve.thresholds, base=base, base_weight=2.0)
+    objective = reference.lore_objective(thetas, solve.theta0, deltas, solve.thresholds, base=base, beta=2.0)
     assert matrix["objective_parts"]["anchor"] > 0
     assert matrix["objective"] == pytest.approx(objective, rel=1e-5)
     assert matrix["models"] == ["0", "1", "2"]
@@ -179,9 +165,8 @@ def test_env_variable_with_mergekit_yaml(family, tmp_path, monkeypatch):
     config.write_text(demo.lore_config_yaml(models, base=family.base, parameters={"base_mode": "fixed"}))
     path = tmp_path / "report.jsonl"
     monkeypatch.setenv(ENV_VARIABLE, str(path))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny matrices: extra threads only contend
-    result = demo.run_mergekit_yaml(config, tmp_path / "merged")
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = run_merge_yaml(config, tmp_path / "merged")
+    assert result.returncode == 0, result.describe()
     records = read_report(path)
     names = {r["tensor"] for r in records}
     assert "model.layers.0.self_attn.q_proj.weight" in names and "model.norm.weight" in names

@@ -1,77 +1,25 @@
-"""The LoRE solve against an independent float64 reference and the identities of LORE_SPEC."""
+"""The LoRE solve against the float64 reference of ``tests/reference.py`` and the identities
+of the LoRE problem."""
 
 import itertools
 
 import pytest
+import reference
 import torch
 
 from mergekit_lore.combine import merge_solution
-from mergekit_lore.solver import SolveOptions, lore_objective, solve_lore
-
-
-def reference_svt(x, mu):
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    return u @ torch.diag((s - mu).clamp_min(0)) @ vh
-
-
-def reference_solve(thetas, mus, base=None, beta=0.0, iters=20000):
-    """Float64 accelerated proximal gradient on the anchored objective, from the math.
-
-    Independent of the package: exact SVD, dense tensors, Nesterov momentum with
-    a function-value restart, run until the iterates stop moving (1e-12).
-    Returns (theta0, deltas).
-    """
-    th = [t.double() for t in thetas]
-    n = len(th)
-    beta = beta if base is not None else 0.0
-
-    def theta0_of(deltas):
-        total = sum(t - d for t, d in zip(th, deltas))
-        if beta:
-            total = total + beta * base.double()
-        return total / (n + beta)
-
-    def objective(deltas):
-        return lore_objective(th, theta0_of(deltas), deltas, mus, base=base, base_weight=beta)
-
-    deltas = [torch.zeros_like(th[0]) for _ in th]
-    point, t, value = deltas, 1.0, objective(deltas)
-    for _ in range(iters):
-        theta0 = theta0_of(point)
-        new = [reference_svt(x - theta0, mu) for x, mu in zip(th, mus)]
-        new_value = objective(new)
-        if new_value > value and t > 1.0:  # restart momentum (a plain step is monotone)
-            point, t = deltas, 1.0
-            continue
-        change = max(float((a - b).norm()) for a, b in zip(new, deltas))
-        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
-        point = [a + ((t - 1) / t_next) * (a - b) for a, b in zip(new, deltas)]
-        deltas, t, value = new, t_next, new_value
-        if change < 1e-12:
-            break
-    total = sum(t - d for t, d in zip(th, deltas))
-    if beta:
-        total = total + beta * base.double()
-    return total / (n + beta), deltas
+from mergekit_lore.solver import SolveOptions, solve_lore
 
 
 def problem(n, rows=40, cols=56, rank=3, seed=0, noise=0.05):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(rows, cols, generator=g, dtype=torch.float64)
-    thetas = [
-        base
-        + torch.randn(rows, rank, generator=g, dtype=torch.float64)
-        @ torch.randn(rank, cols, generator=g, dtype=torch.float64)
-        * 0.4
-        + noise * torch.randn(rows, cols, generator=g, dtype=torch.float64)
-        for _ in range(n)
-    ]
-    return base, thetas
+    """A float64 base and n inputs: base + 0.4 * planted rank-3 update + dense noise."""
+    return reference.planted_family(n, (rows, cols), rank=rank, strength=0.4, noise=noise, seed=seed,
+                                    dtype=torch.float64)
 
 
 def objective_of(solution, thetas, mus, base=None, beta=0.0):
     deltas = [solution.delta(i) for i in range(len(thetas))]
-    return lore_objective(thetas, solution.theta0(), deltas, mus, base=base, base_weight=beta)
+    return reference.lore_objective(thetas, solution.theta0(), deltas, mus, base=base, beta=beta)
 
 
 def linear_merge(solution, n, scale=1.0, combine="sum"):
@@ -89,8 +37,8 @@ TIGHT = dict(max_iter=2000, tol=1e-6)
 def test_solution_matches_float64_reference(n, solver):
     base, thetas = problem(n, seed=n)
     mus = [1.5] * n
-    theta0_ref, deltas_ref = reference_solve(thetas, mus)
-    f_ref = lore_objective(thetas, theta0_ref, deltas_ref, mus)
+    theta0_ref, deltas_ref = reference.solve(thetas, mus)
+    f_ref = reference.lore_objective(thetas, theta0_ref, deltas_ref, mus)
     solution = solve_lore([t.float() for t in thetas], mus, options=SolveOptions(solver=solver, **TIGHT))
     f = objective_of(solution, thetas, mus)
     assert f == pytest.approx(f_ref, rel=2e-6)
@@ -131,7 +79,7 @@ def test_two_models_converge_in_one_step_to_the_symmetric_minimiser():
     mus = [1.0, 1.0]
     one = solve_lore([t.float() for t in thetas], mus, options=SolveOptions(solver="cd", max_iter=1))
     many = solve_lore([t.float() for t in thetas], mus, options=SolveOptions(solver="fista", max_iter=200))
-    expected = reference_svt((thetas[0] - thetas[1]) / 2, 1.0)
+    expected = reference.svt((thetas[0] - thetas[1]) / 2, 1.0)
     for solution in (one, many):
         assert torch.allclose(solution.delta(0).double(), expected, atol=1e-5)
         assert torch.equal(solution.delta(1), -solution.delta(0))
@@ -174,7 +122,7 @@ def test_permuting_inputs_does_not_change_the_output():
 def test_two_models_with_anchor_match_reference_and_each_other(solver):
     base, thetas = problem(2, seed=8)
     mus, beta = [1.0, 1.0], 1.0
-    theta0_ref, deltas_ref = reference_solve(thetas, mus, base=base, beta=beta)
+    theta0_ref, deltas_ref = reference.solve(thetas, mus, base=base, beta=beta)
     solution = solve_lore(
         [t.float() for t in thetas], mus, base=base.float(), base_weight=beta,
         options=SolveOptions(solver=solver, **TIGHT),
@@ -208,13 +156,13 @@ def test_huge_base_weight_is_the_fixed_base():
     a, b = linear_merge(fixed, 3), linear_merge(anchored, 3)
     assert float((a - b).norm() / a.norm()) < 1e-5
     for i, theta in enumerate(thetas):  # fixed: delta_i = SVT(theta_i - base)
-        assert torch.allclose(fixed.delta(i).double(), reference_svt(theta - base, 1.0), atol=1e-5)
+        assert torch.allclose(fixed.delta(i).double(), reference.svt(theta - base, 1.0), atol=1e-5)
 
 
 def test_per_model_thresholds_match_reference():
     base, thetas = problem(3, seed=12)
     mus = [0.5, 1.5, 3.0]
-    theta0_ref, deltas_ref = reference_solve(thetas, mus)
+    theta0_ref, deltas_ref = reference.solve(thetas, mus)
     solution = solve_lore([t.float() for t in thetas], mus, options=SolveOptions(**TIGHT))
     for i in range(3):
         assert float((solution.delta(i).double() - deltas_ref[i]).norm()) < 1e-4 * float(thetas[i].norm())
@@ -226,7 +174,7 @@ def test_per_model_thresholds_match_reference():
 def test_two_models_with_unequal_thresholds_are_unique_and_asymmetric():
     _, thetas = problem(2, seed=13)
     mus = [0.5, 2.0]
-    theta0_ref, deltas_ref = reference_solve(thetas, mus)
+    theta0_ref, deltas_ref = reference.solve(thetas, mus)
     for solver in ("cd", "fista"):
         solution = solve_lore([t.float() for t in thetas], mus, options=SolveOptions(solver=solver, **TIGHT))
         merged = linear_merge(solution, 2).double()

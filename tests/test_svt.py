@@ -1,6 +1,7 @@
-"""SVT kernel contract: every backend within 1e-4 of a float64 exact SVT."""
+"""SVT kernel contract: every backend within 1e-4 of the float64 SVT by definition (``tests/reference.py``)."""
 
 import pytest
+import reference
 import torch
 
 from mergekit_lore.svt import (
@@ -16,24 +17,8 @@ from mergekit_lore.svt import (
 BACKENDS = ["exact", "gram", "randomized", "auto"]
 
 
-def reference_svt(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """SVT by its definition, in float64."""
-    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
-    return u @ torch.diag((s - threshold).clamp_min(0)) @ vh
-
-
-def planted(rows, cols, rank, noise, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    u = torch.linalg.qr(torch.randn(rows, rank, generator=g, dtype=torch.float64)).Q
-    v = torch.linalg.qr(torch.randn(cols, rank, generator=g, dtype=torch.float64)).Q
-    s = torch.linspace(10.0, 4.0, rank, dtype=torch.float64)
-    bulk = torch.randn(rows, cols, generator=g, dtype=torch.float64)
-    bulk *= noise / (rows**0.5 + cols**0.5)  # top of the noise bulk ~ noise
-    return u @ torch.diag(s) @ v.T + bulk
-
-
-def singular_values(x):
-    return torch.linalg.svdvals(x.double())
+planted = reference.planted_spectrum
+singular_values = reference.singular_values
 
 
 def cases():
@@ -61,7 +46,7 @@ CASES = list(cases())
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_svt_matches_float64_definition(case, backend):
     _, x, threshold = case
-    expected = reference_svt(x, threshold)
+    expected = reference.svt(x, threshold)
     result = svt(x.float(), threshold, backend=backend)
     got = result.dense().double()
     assert got.shape == x.shape
@@ -78,10 +63,10 @@ def test_svt_matches_float64_definition(case, backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_svt_half_precision_inputs(backend, dtype):
     x = planted(120, 200, 6, 1.0, seed=5).to(dtype)
-    reference = reference_svt(x.double(), 2.0)  # same (rounded) values, float64
+    expected = reference.svt(x.double(), 2.0)  # same (rounded) values, float64
     result = svt(x, 2.0, backend=backend)
     assert result.factors.left.dtype == torch.float32
-    error = (result.dense().double() - reference).norm() / reference.norm()
+    error = (result.dense().double() - expected).norm() / expected.norm()
     assert float(error) <= 1e-4
 
 
@@ -90,7 +75,7 @@ def test_randomized_warm_start_gives_same_result():
     first = svt(x.float(), 2.0, backend="randomized")
     nudged = x + 1e-3 * torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     warm = svt(nudged.float(), 2.0, backend="randomized", warm_start=first.basis)
-    expected = reference_svt(nudged, 2.0)
+    expected = reference.svt(nudged, 2.0)
     assert float((warm.dense().double() - expected).norm() / expected.norm()) <= 1e-4
 
 
@@ -99,7 +84,7 @@ def test_randomized_never_truncates_rank_beyond_sketch():
     x = planted(200, 300, 60, 0.5, seed=7)
     result = svt(x.float(), 1.0, backend="randomized")
     assert result.rank == 60
-    expected = reference_svt(x, 1.0)
+    expected = reference.svt(x, 1.0)
     assert float((result.dense().double() - expected).norm() / expected.norm()) <= 1e-4
 
 
@@ -140,7 +125,7 @@ def test_auto_prefers_randomized_for_large_low_rank_and_exact_for_tiny():
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_svt_contract_on_cuda(case, backend):
     _, x, threshold = case
-    expected = reference_svt(x, threshold)
+    expected = reference.svt(x, threshold)
     got = svt(x.float().cuda(), threshold, backend=backend).dense().double().cpu()
     if float(expected.norm()) == 0.0:
         assert float(got.norm()) == 0.0
