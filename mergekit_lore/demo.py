@@ -7,7 +7,6 @@ the structure LoRE-Merging assumes.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,25 +185,42 @@ def lore_config(
 
 
 def lore_config_yaml(models: Sequence[Path], **options: object) -> str:
-    """``lore_config`` as YAML text (JSON is valid YAML)."""
-    return json.dumps(lore_config(models, **options), indent=2) + "\n"
+    """``lore_config`` as YAML text, the way a user writes it."""
+    import yaml
+
+    return yaml.safe_dump(lore_config(models, **options), sort_keys=False)
 
 
 def run_demo(workdir: Path, *, count: int = 3) -> Path:
-    """Build a base and ``count`` variants, merge the variants with ``lore`` (no base).
+    """Build a base and ``count`` variants and merge the variants with ``lore`` twice.
 
-    Runs the stock ``mergekit-yaml``, checks that the merged model loads and runs a
-    forward pass, and prints how far the merge is from the plain average of the
-    models. Returns the merged model's directory.
+    ``lore.yml`` merges without the base (lore estimates it); ``lore-with-base.yml``
+    gives mergekit the base too (``base_mode: anchor``, the default). Both run through
+    the stock ``mergekit-yaml``; each merged model must load with transformers and give
+    finite logits. Prints how far each merge is from the plain average of the models.
+    Returns the directory of the merge without the base.
     """
-    from transformers import AutoModelForCausalLM
-
     workdir = Path(workdir).resolve()
     family = build_family(workdir / "models", count)
-    config_path = workdir / "lore.yml"
-    config_path.write_text(lore_config_yaml(family["models"]))
-    out = workdir / "merged"
     print(f"built a base and {count} fine-tune-like Llama models under {workdir / 'models'}")
+    inputs = [load_weights(m) for m in family["models"]]
+    outputs = []
+    for name, base in (("lore", None), ("lore-with-base", family["base"])):
+        config_path = workdir / f"{name}.yml"
+        config_path.write_text(lore_config_yaml(family["models"], base=base))
+        out = workdir / ("merged" if base is None else "merged-with-base")
+        _merge_and_check(config_path, out)
+        distance = _distance_from_average(load_weights(out), inputs)
+        print(f"merged model: {out} (loads with transformers, forward pass finite); "
+              f"mean relative distance of its matrices from the plain average: {distance:.2%}")
+        outputs.append(out)
+    return outputs[0]
+
+
+def _merge_and_check(config_path: Path, out: Path) -> None:
+    """Run ``mergekit-yaml`` on ``config_path`` and check the model loads and runs."""
+    from transformers import AutoModelForCausalLM
+
     print(f"running: mergekit-yaml {config_path} {out}")
     result = run_mergekit_yaml(config_path, out)
     if result.returncode != 0:
@@ -213,14 +229,13 @@ def run_demo(workdir: Path, *, count: int = 3) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(out))
     logits = model(torch.tensor([[1, 5, 7, 9]])).logits
     if not torch.isfinite(logits).all():
-        raise SystemExit("the merged model produced non-finite logits")
-    merged = load_weights(out)
-    inputs = [load_weights(m) for m in family["models"]]
+        raise SystemExit(f"the merged model {out} produced non-finite logits")
+
+
+def _distance_from_average(merged: Dict[str, torch.Tensor], inputs: Sequence[Dict[str, torch.Tensor]]) -> float:
+    """Mean over matrices of ||merged - average|| / ||merged||."""
     matrices = [k for k, v in merged.items() if v.ndim == 2]
-    changed = sum(
-        float((merged[k] - sum(w[k] for w in inputs) / count).norm()) / float(merged[k].norm())
+    return sum(
+        float((merged[k] - sum(w[k] for w in inputs) / len(inputs)).norm()) / float(merged[k].norm())
         for k in matrices
     ) / len(matrices)
-    print(f"merged model: {out} (loads with transformers, forward pass finite)")
-    print(f"mean relative distance of its matrices from the plain average: {changed:.2%}")
-    return out

@@ -10,6 +10,7 @@ import pytest
 import torch
 from mergekit.merge_methods import merge_tensors
 
+from conftest import run_merge_yaml
 from inprocess import merge_in_process, written_tensors
 from mergekit_lore import config_check, notices
 from mergekit_lore.demo import lore_config
@@ -158,22 +159,6 @@ def test_a_real_low_rank_merge_gets_no_degeneracy_notice():
     assert notices.DEGENERACY.flush() is None
 
 
-def run_mergekit_yaml_cli(config: dict, tmp_path: Path, *extra: str):
-    """The stock ``mergekit-yaml`` on ``config``, as a user runs it."""
-    import os
-    import subprocess
-    import sys
-
-    import yaml
-
-    path = tmp_path / "lore.yml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    executable = Path(sys.executable).with_name("mergekit-yaml")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([str(executable), str(path), str(tmp_path / "out"), *extra],
-                          capture_output=True, text=True, env=env, timeout=600)
-
-
 def last_line(text: str) -> str:
     return [line for line in text.splitlines() if line.strip()][-1]
 
@@ -185,14 +170,14 @@ def last_line(text: str) -> str:
     ({"max_iter": 2.5}, "lore parameter 'max_iter' must be a positive integer; got 2.5"),
 ])
 def test_mergekit_yaml_ends_with_the_named_error(parameters, expected, family, tmp_path):
-    done = run_mergekit_yaml_cli(lore_config(family.models, parameters=parameters), tmp_path)
+    done = run_merge_yaml(lore_config(family.models, parameters=parameters), tmp_path / "out")
     assert done.returncode != 0
-    assert expected in last_line(done.stderr), done.stderr[-3000:]
-    assert not written_tensors(tmp_path / "out")
+    assert expected in last_line(done.stderr), done.describe()
+    assert not done.shards()
 
 
 @pytest.mark.slow
 def test_mergekit_yaml_reports_a_degenerate_merge_at_the_end(family, tmp_path):
-    done = run_mergekit_yaml_cli(lore_config(family.models, parameters={"mu_ratio": 1.0}), tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_merge_yaml(lore_config(family.models, parameters={"mu_ratio": 1.0}), tmp_path / "out")
+    assert done.ok, done.describe()
     assert "low-rank part of this merge was empty" in done.stderr
