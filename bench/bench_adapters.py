@@ -111,7 +111,7 @@ def run_core(base, adapters, out, rank):
         began = time.perf_counter()
         result = merge_adapters(base, adapters, out, rank=rank, force=True)
         seconds = time.perf_counter() - began
-    return {"seconds": seconds, "peak_bytes": memory.peak, "max_rank": max(m.rank for m in result.modules.values()),
+    return {"seconds": seconds, "peak_bytes": memory.peak, "rss_before_bytes": memory.start, "max_rank": max(m.rank for m in result.modules.values()),
             "max_truncation_error": result.max_truncation_error}
 
 
@@ -131,7 +131,7 @@ def run_peft(base, adapters, method):
         began = time.perf_counter()
         model.add_weighted_adapter(names, [1.0] * len(names), "merged", combination_type=method, **options)
         seconds = time.perf_counter() - began
-    return {"seconds": seconds, "peak_bytes": memory.peak}
+    return {"seconds": seconds, "peak_bytes": memory.peak, "rss_before_bytes": memory.start}
 
 
 def run_dense(base, adapters, core_out):
@@ -147,7 +147,7 @@ def run_dense(base, adapters, core_out):
     merged = read_adapter(core_out)
     config = lore_config(len(loaded))
     handle = safe_open(str(next(Path(base).glob("*.safetensors"))), framework="pt")
-    seconds, peak, errors = 0.0, 0, []
+    seconds, peak, errors, before = 0.0, 0, [], 0
     for module in sorted(loaded[0].modules):
         weight = handle.get_tensor(f"{module}.weight").float()
         thetas = [torch.addmm(weight, a.modules[module].b.float(), a.modules[module].a.float()) for a in loaded]
@@ -155,12 +155,13 @@ def run_dense(base, adapters, core_out):
             began = time.perf_counter()
             out = lore_merge(thetas, config, base=weight, trim=None, sign_consensus=None)
             seconds += time.perf_counter() - began
-        peak = max(peak, memory.peak)
+        peak, before = max(peak, memory.peak), max(before, memory.start)
         update = (out - weight).double()
         core = merged.modules[module].b @ merged.modules[module].a
         errors.append(float((core - update).norm() / update.norm()))
         del thetas, out
-    return {"seconds": seconds, "peak_bytes": peak, "max_relative_difference_to_core": max(errors)}
+    return {"seconds": seconds, "peak_bytes": peak, "rss_before_bytes": before,
+            "max_relative_difference_to_core": max(errors)}
 
 
 def speed_child(args) -> None:
@@ -175,15 +176,16 @@ def speed_child(args) -> None:
         result = run_dense(base, adapters, out)
     else:
         result = run_peft(base, adapters, args.method)
-    import resource
-
-    result["process_max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM: this process's own high-water mark (ru_maxrss would include the parent's at fork)
+    with open("/proc/self/status") as handle:
+        hwm = next(line for line in handle if line.startswith("VmHWM:"))
+    result["process_max_rss_bytes"] = int(hwm.split()[1]) * 1024
     print("RESULT " + json.dumps(result))
 
 
 def speed_main(args) -> None:
     rows = []
-    methods = ["core", "core_rank", "dense"] + PEFT_METHODS
+    methods = args.methods or ["core", "core_rank", "dense"] + PEFT_METHODS
     for count in args.adapters:
         build_speed_inputs(args.workdir, args.layers, count)
         for method in methods:
@@ -197,11 +199,25 @@ def speed_main(args) -> None:
             row = {"n": count, "method": method, **json.loads(line[-1][7:])}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    args.workdir.joinpath("speed.json").write_text(json.dumps(rows, indent=1))
+    args.workdir.joinpath(args.save).write_text(json.dumps(rows, indent=1))
     print(speed_table(rows))
 
 
-def speed_table(rows) -> str:
+def _process_peak(row, memory_rows) -> str:
+    """The process's peak RSS (VmHWM). Rows of runs that recorded no reliable one take it from the
+    memory pass; PEFT's svd variants load like ``linear``: resident-before(linear) + merge peak (~)."""
+    if "rss_before_bytes" in row:
+        return f"{row['process_max_rss_bytes'] / 2**20:.0f}"
+    same = [m for m in memory_rows if m["n"] == row["n"] and m["method"] == row["method"]]
+    if same:
+        return f"{same[0]['process_max_rss_bytes'] / 2**20:.0f}"
+    like = [m for m in memory_rows if m["n"] == row["n"] and m["method"] == "linear"]
+    if like and row["method"] in PEFT_METHODS:
+        return f"~{(like[0]['rss_before_bytes'] + row['peak_bytes']) / 2**20:.0f}"
+    return "n/a"
+
+
+def speed_table(rows, memory_rows=()) -> str:
     lines = ["| n | method | seconds | x core time | merge peak MiB | process peak MiB | notes |",
              "|---|---|---|---|---|---|---|"]
     for count in sorted({r["n"] for r in rows}):
@@ -215,13 +231,41 @@ def speed_table(rows) -> str:
             name = {"core": "lore core space (exact)", "core_rank": f"lore core space --rank {RANK}",
                     "dense": "lore dense (lore_merge on W + B_i A_i)"}.get(row["method"], f"PEFT {row['method']}")
             lines.append(f"| {count} | {name} | {row['seconds']:.2f} | {row['seconds'] / core['seconds']:.1f} | "
-                         f"{row['peak_bytes'] / 2**20:.0f} | {row.get('process_max_rss_bytes', 0) / 2**20:.0f} | "
+                         f"{row['peak_bytes'] / 2**20:.0f} | {_process_peak(row, memory_rows)} | "
                          f"{'; '.join(notes)} |")
     return "\n".join(lines)
 
 
 def table_main(args) -> None:
-    print(speed_table(json.loads(args.json.read_text())))
+    rows = json.loads(args.json.read_text())
+    memory = json.loads(args.memory.read_text()) if args.memory else []
+    print(speed_table(rows, memory))
+    if args.plot:
+        plot_speed(rows, args.plot)
+
+
+def plot_speed(rows, path: Path) -> None:
+    """Bar chart of merge seconds (log scale) per method, one group per n."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    counts = sorted({r["n"] for r in rows})
+    figure, axis = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / len(counts)
+    for offset, count in enumerate(counts):
+        values = [next(r["seconds"] for r in rows if r["n"] == count and r["method"] == m) for m in methods]
+        axis.bar([i + offset * width for i in range(len(methods))], values, width, label=f"{count} adapters")
+    axis.set_yscale("log")
+    axis.set_xticks([i + width * (len(counts) - 1) / 2 for i in range(len(methods))])
+    axis.set_xticklabels([m.replace("_rank", f" r{RANK}") for m in methods], rotation=25, ha="right")
+    axis.set_ylabel("merge seconds (log)")
+    axis.set_title("rank-16 LoRA adapters, 2 layers of Llama-7B shape (q,v), 1 CPU thread")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -230,12 +274,17 @@ def main() -> None:
     speed = sub.add_parser("speed")
     speed.add_argument("--adapters", type=int, nargs="+", default=[3, 8])
     speed.add_argument("--layers", type=int, default=2)
+    speed.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all)")
+    speed.add_argument("--save", default="speed.json", help="file name of the rows under --workdir")
     speed.add_argument("--workdir", type=Path, default=Path("/tmp/bench-adapters"))
     child = sub.add_parser("_speed_child")
     for name, kind in (("--method", str), ("--count", int), ("--layers", int), ("--workdir", Path)):
         child.add_argument(name, type=kind, required=True)
     table = sub.add_parser("table", help="print the speed table of a speed.json")
     table.add_argument("json", type=Path)
+    table.add_argument("--memory", type=Path, default=None,
+                       help="rows of a second run (--methods core core_rank dense linear cat) for resident RSS")
+    table.add_argument("--plot", type=Path, default=None, help="also write a bar chart (PNG)")
     quality = sub.add_parser("quality")
     quality.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     quality.add_argument("--workdir", type=Path, default=Path("/tmp/mergekit-lore-quality"))
