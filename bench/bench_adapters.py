@@ -15,7 +15,7 @@ itself allocates) and the process's whole peak RSS (inputs, base model and libra
 - ``dense``: ``lore_merge`` on the merged-in dense weights ``W + B_i A_i`` (forming them is
   not timed), the same parameters; its result is compared with the core-space adapter.
 
-``quality``: see ``bench/bench_adapters_quality`` notes in ``quality_main``.
+``quality``: held-out loss of merged LoRA fine-tunes, see ``bench/bench_adapters_quality.py``.
 """
 
 from __future__ import annotations

@@ -235,6 +235,22 @@ def test_merged_model_and_rank_cap_cli(family, tmp_path):
     assert max(m["full_rank"] for m in report["modules"].values()) > 3
 
 
+def test_fan_in_fan_out_gpt2(tmp_path):
+    """GPT-2 Conv1D weights are stored in x out: PEFT's fan_in_fan_out layout round-trips."""
+    torch.manual_seed(0)
+    base = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)).save_pretrained(base)
+    adapters = [_adapter(base, tmp_path / f"g{i}", 10 + i, r=r, target_modules=["c_attn", "c_proj"],
+                         fan_in_fan_out=True, task_type=None) for i, r in enumerate((3, 5, 4))]
+    out = tmp_path / "merged"
+    merge_adapters(base, adapters, out)
+    expected = _expected(base, adapters, _config(3))
+    assert any("c_attn" in name for name in expected)
+    loaded = peft.PeftModel.from_pretrained(_load(base), str(out)).merge_and_unload()
+    _assert_weights(loaded.state_dict(), expected, _load(base).state_dict())
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_rejects_dora(family, tmp_path):
