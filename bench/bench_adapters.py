@@ -137,7 +137,6 @@ def run_peft(base, adapters, method):
 def run_dense(base, adapters, core_out):
     """Dense lore on W + B_i A_i per module; compares with the core-space adapter in ``core_out``."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from mergekit_lore.adapters import lore_config
     from mergekit_lore.adapters_io import read_adapter

@@ -21,7 +21,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -312,8 +312,3 @@ def missing_modules(adapters: Sequence[LoraAdapter]) -> Dict[str, List[str]]:
     every = union_modules(adapters)
     return {a.name: [m for m in every if m not in a.modules] for a in adapters if len(a.modules) < len(every)}
 
-
-def default_dtype(adapters: Sequence[LoraAdapter], requested: Optional[str]) -> torch.dtype:
-    if requested and requested != "auto":
-        return getattr(torch, requested)
-    return torch.float32

@@ -150,7 +150,7 @@ def _floats(text: Optional[str]):
 
 @main.command("merge-adapters")
 @click.argument("base", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("paths", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER... OUT", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--rank", type=click.IntRange(min=1), default=None,
               help="Cap every module's output rank (best approximation; the error is reported). Default: exact.")
 @click.option("--merged", is_flag=True, help="Write the full base model with the merged update instead of an adapter.")
