@@ -18,12 +18,13 @@ product. Since ``P(T_i) = T_i``, ``P`` maps the residual ``X_0 + delta_i - T_i``
 ``P(X_0) + P(delta_i) - T_i``, which is no larger in Frobenius norm; ``||P(X)||_* <= ||X||_*``
 (``U U^T`` and ``V V^T`` have spectral norm 1) and ``||P(X_0)||_F <= ||X_0||_F``. So
 projecting any point onto ``span(U) x span(V)`` does not increase any term. With an anchor
-(``beta > 0``) or a fixed base the problem is strictly convex, its unique minimiser is
+(``beta > 0``) or a fixed base the problem is strictly convex (its quadratic part is positive
+definite in ``(X_0, delta)``), so its unique minimiser is
 therefore a fixed point of ``P``: it lies in the subspace. Inside the subspace
 ``X = U C V^T`` has the Frobenius and nuclear norms of ``C``, so the problem *is* the
 same LoRE problem on the cores with base core 0. Stronger, for every mode: the solver's
 iterates never leave the subspace (SVT of ``U C V^T`` is ``U SVT(C) V^T``, means and
-momentum steps are linear), so the core solve runs the dense solver's iteration exactly;
+momentum steps are linear), so the core solve runs the dense solver's iteration (exactly, in exact arithmetic);
 this also covers the base-free form, whose mean-centred differences ``T_i - mean(T)``
 lie in the subspace, and its two-model minimum-norm choice. Thresholds
 ``mu_ratio * s_1(T_i - reference)`` are exact from the cores (reference 0 with a base, the
