@@ -140,3 +140,64 @@ def spectrum(
             f"{result.short_name(m)}: {result.effective_rank(tensor, m)}" for m in result.models
         )
         click.echo(f"  {tensor}: rank for 90% energy {ranks}")
+
+
+def _floats(text: Optional[str]):
+    """'0.2' or '0.2,0.3,0.1' (one per adapter) -> list of floats (None stays None)."""
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError as error:
+        raise click.BadParameter(f"expected a number or comma-separated numbers, got {text!r}") from error
+
+
+@main.command("merge-adapters")
+@click.argument("base", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER... OUT", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--rank", type=click.IntRange(min=1), default=None,
+              help="Cap every module's output rank (best approximation; the error is reported). Default: exact.")
+@click.option("--merged", is_flag=True, help="Write the full base model with the merged update instead of an adapter.")
+@click.option("--mu", default=None, help="Absolute threshold(s), one or one per adapter (overrides --mu-ratio).")
+@click.option("--mu-ratio", default="0.2", show_default=True, help="Threshold(s) as a fraction of s_1(B_i A_i).")
+@click.option("--weight", default="1", show_default=True, help="Per-adapter weight(s) for the combine.")
+@click.option("--lambda", "scale", type=float, default=0.5, show_default=True, help="Scale of the combined task vectors.")
+@click.option("--combine", type=click.Choice(["sum", "average"]), default="sum", show_default=True)
+@click.option("--base-mode", type=click.Choice(["anchor", "fixed", "init", "none"]), default="anchor",
+              show_default=True, help="none: the base-free LoRE problem (theta_0 estimated without the base).")
+@click.option("--base-weight", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--solver", type=click.Choice(["fista", "cd"]), default="fista", show_default=True)
+@click.option("--max-iter", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--tol", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-4, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="auto: float32 adapter, or the base's dtype with --merged.")
+@click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
+def merge_adapters_command(base, paths, rank, merged, mu, mu_ratio, weight, scale, combine, base_mode,
+                           base_weight, solver, max_iter, tol, dtype, force) -> None:
+    """LoRE-merge PEFT LoRA adapters ADAPTER_1 .. ADAPTER_n of BASE into one adapter OUT (last path).
+
+    Solved exactly in core space (the same result as method: lore on the merged-in models).
+    """
+    from mergekit_lore.adapters import merge_adapters
+    from mergekit_lore.solver import SolveOptions
+
+    if len(paths) < 2:
+        raise click.UsageError("give at least one adapter and the output directory: BASE ADAPTER... OUT")
+    *adapters, out = paths
+    try:
+        result = merge_adapters(
+            base, adapters, out, rank=rank, merged=merged, dtype=dtype, force=force,
+            mu=_floats(mu), mu_ratio=_floats(mu_ratio), weight=_floats(weight), scale=scale,
+            combine=combine, base_mode=base_mode, base_weight=base_weight,
+            solve=SolveOptions(solver=solver, max_iter=max_iter, tol=tol),
+        )
+    except (FileExistsError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    ranks = [m.rank for m in result.modules.values()]
+    what = "merged model" if merged else "adapter"
+    click.echo(f"{what} written to {result.out}: {len(ranks)} modules, rank {min(ranks)}..{max(ranks)}, "
+               f"{result.seconds:.2f} s")
+    if rank is not None:
+        click.echo(f"max relative truncation error at --rank {rank}: {result.max_truncation_error:.3g}")
+    for name, modules in result.missing.items():
+        click.echo(f"note: {name} does not target {len(modules)} module(s); its update there is 0")
