@@ -138,13 +138,14 @@ def run_dense(base, adapters, core_out):
     """Dense lore on W + B_i A_i per module; compares with the core-space adapter in ``core_out``."""
     from safetensors import safe_open
 
-    from mergekit_lore.adapters import lore_config
+    from mergekit_lore.adapters import adapter_parameters
     from mergekit_lore.adapters_io import read_adapter
+    from mergekit_lore.params import lore_config
     from mergekit_lore.lore import lore_merge
 
     loaded = [read_adapter(p) for p in adapters]
     merged = read_adapter(core_out)
-    config = lore_config(len(loaded))
+    config = lore_config(adapter_parameters(len(loaded))[0], list(range(len(loaded))))
     handle = safe_open(str(next(Path(base).glob("*.safetensors"))), framework="pt")
     seconds, peak, errors, before = 0.0, 0, [], 0
     for module in sorted(loaded[0].modules):

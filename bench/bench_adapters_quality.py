@@ -84,7 +84,7 @@ def _lore_rows(model, base, adapters, eval_sets) -> List[dict]:
     for rank in (LORA_RANK, None):
         for weight in GRID:
             with tempfile.TemporaryDirectory() as folder:
-                result = merge_adapters(base, adapters, Path(folder) / "out", rank=rank, scale=weight)
+                result = merge_adapters(base, adapters, Path(folder) / "out", rank=rank, parameters={"lambda": weight})
                 model.load_adapter(str(Path(folder) / "out"), adapter_name="lore")
             model.set_adapter("lore")
             ranks = max(m.rank for m in result.modules.values())

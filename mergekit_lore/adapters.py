@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -38,14 +38,13 @@ from mergekit_lore.adapters_io import (
     union_modules,
     write_adapter,
 )
-from mergekit_lore.combine import COMBINES, low_rank_part_cancels
 from mergekit_lore.core_space import merge_lora_module
-from mergekit_lore.lore import BASE_MODES, LoreConfig
-from mergekit_lore.solver import SolveOptions
+from mergekit_lore.lore import LoreConfig
+from mergekit_lore.method import known_degeneracy
+from mergekit_lore.params import lore_config, resolve_parameters
 
 LOG = logging.getLogger("mergekit_lore")
 REPORT_FILE = "lore_adapters.json"
-PerModel = Union[float, Sequence[float], None]
 
 
 @dataclass
@@ -71,59 +70,24 @@ class MergeAdaptersResult:
         return max((m.truncation_error for m in self.modules.values()), default=0.0)
 
 
-def _per_model(name: str, value: PerModel, n: int, default) -> list:
-    if value is None:
-        return [default] * n
-    if isinstance(value, (int, float)):
-        return [float(value)] * n
-    values = list(value)
-    if len(values) == 1:
-        return values * n
-    if len(values) != n:
-        raise ValueError(f"{name}: got {len(values)} values for {n} adapters (give one, or one per adapter)")
-    return values
+def adapter_parameters(count: int, given: Optional[Mapping[str, Any]] = None) -> Tuple[Dict[str, Any], bool]:
+    """``lore`` parameters for ``count`` adapters, resolved and validated like mergekit does.
 
-
-def lore_config(
-    n: int,
-    *,
-    mu: PerModel = None,
-    mu_ratio: PerModel = 0.2,
-    weight: PerModel = 1.0,
-    scale: float = 0.5,
-    combine: str = "sum",
-    base_mode: str = "anchor",
-    base_weight: float = 1.0,
-    solve: SolveOptions = SolveOptions(),
-) -> LoreConfig:
-    """The ``lore`` method's parameters (same defaults) for n adapters, validated."""
-    if combine not in COMBINES:
-        raise ValueError(f"combine must be one of {', '.join(COMBINES)}; got {combine!r}")
-    if combine == "ties":
+    ``given`` uses the YAML names; ``base_mode: none`` (this tool only) solves the
+    base-free problem. Returns the resolved parameters and whether the base is used.
+    """
+    given = dict(given or {})
+    has_base = given.get("base_mode") != "none"
+    if not has_base:
+        given["base_mode"] = "init"
+    resolved = resolve_parameters(given, count)
+    if resolved["combine"] == "ties":
         raise ValueError(
             "combine: ties trims and elects signs on the dense entries of every task vector, which "
             "the core space does not represent (and its result is not low rank); use combine sum or "
             "average, or merge the merged-in models with mergekit-yaml (method: lore, combine: ties)"
         )
-    if base_mode not in BASE_MODES + ("none",):
-        raise ValueError(f"base_mode must be one of {', '.join(BASE_MODES + ('none',))}; got {base_mode!r}")
-    if base_weight < 0:
-        raise ValueError(f"base_weight must be >= 0; got {base_weight}")
-    mus = [None if m is None else float(m) for m in _per_model("mu", mu, n, None)]
-    ratios = [float(r) for r in _per_model("mu_ratio", mu_ratio, n, 0.2)]
-    if any(r < 0 for r in ratios) or any(m is not None and m < 0 for m in mus):
-        raise ValueError("mu and mu_ratio must be >= 0")
-    return LoreConfig(
-        mu=mus,
-        mu_ratio=ratios,
-        weights=[float(w) for w in _per_model("weight", weight, n, 1.0)],
-        densities=[1.0] * n,
-        scale=float(scale),
-        combine=combine,
-        base_mode="init" if base_mode == "none" else base_mode,
-        base_weight=float(base_weight),
-        solve=solve,
-    )
+    return resolved, has_base
 
 
 def merge_adapters(
@@ -131,18 +95,17 @@ def merge_adapters(
     adapters: Sequence[Union[str, Path]],
     out: Union[str, Path],
     *,
+    parameters: Optional[Mapping[str, Any]] = None,
     rank: Optional[int] = None,
     merged: bool = False,
     dtype: str = "auto",
     force: bool = False,
-    **parameters,
 ) -> MergeAdaptersResult:
     """LoRE-merge ``adapters`` (PEFT LoRA directories trained on ``base``) into ``out``.
 
-    ``parameters``: ``mu``, ``mu_ratio``, ``weight`` (one value or one per adapter),
-    ``scale`` (the YAML ``lambda``), ``combine`` (sum / average), ``base_mode``
-    (anchor / fixed / init, or none for the base-free problem), ``base_weight``, ``solve``
-    (``SolveOptions``). ``dtype``: of the written tensors (auto: float32 for an adapter,
+    ``parameters``: the ``lore`` method's, by their YAML names and with its defaults
+    (per-model ones as one value or one per adapter); ``base_mode: none`` solves the
+    base-free problem. ``dtype``: of the written tensors (auto: float32 for an adapter,
     the base's dtype for a merged model).
     """
     began = time.perf_counter()
@@ -155,9 +118,10 @@ def merge_adapters(
     check_compatible(loaded, base)
     check_shapes(loaded, base_weight_shapes(base), base)
     check_saved_base(loaded, base)
-    config = lore_config(len(loaded), **parameters)
-    has_base = parameters.get("base_mode", "anchor") != "none"
-    _cancellation_notice(config, has_base)
+    resolved, has_base = adapter_parameters(len(loaded), parameters)
+    ids = list(range(len(loaded)))
+    known_degeneracy(resolved, ids, has_base)
+    config = lore_config(resolved, ids)
     result = MergeAdaptersResult(out, merged, missing=missing_modules(loaded))
     for name, modules in result.missing.items():
         LOG.info("adapter %s does not target %d of the modules: its update there is 0", name, len(modules))
@@ -194,18 +158,6 @@ def _merge_module(adapters, module, config, has_base, rank):
         seconds=time.perf_counter() - began,
     )
     return ModuleUpdate(first.kind, merge.b, merge.a), report
-
-
-def _cancellation_notice(config: LoreConfig, has_base: bool) -> None:
-    beta = config.base_weight if has_base and config.base_mode == "anchor" else 0.0
-    if has_base and config.base_mode == "fixed":
-        return
-    if low_rank_part_cancels(config.weights, config.combine, config.scale, beta):
-        LOG.warning(
-            "lore: with these weights and lambda every task vector enters with 1/(base_weight + n), "
-            "exactly what theta_0 subtracts: the merged adapter is the (anchored) mean of the task "
-            "vectors whatever mu. Choose another lambda for a low-rank merge."
-        )
 
 
 def write_merged_model(

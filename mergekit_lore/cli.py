@@ -8,6 +8,9 @@
   OUT as it was.
 - ``mergekit-lore spectrum CONFIG --out fig.png [--layers PATTERN ...]``: plot the singular
   value decay of the task vectors (see ``mergekit_lore.spectrum``).
+- ``mergekit-lore merge-adapters BASE ADAPTER... OUT [--rank R] [--merged] [lore options]``:
+  merge PEFT LoRA adapters of one base with lore, exactly in core space, into one adapter
+  (or a merged model; see ``mergekit_lore.adapters``).
 
 For a per-tensor report of an ordinary ``mergekit-yaml`` run set
 ``MERGEKIT_LORE_REPORT=report.jsonl`` (see ``mergekit_lore.report``).
@@ -152,46 +155,62 @@ def _floats(text: Optional[str]):
         raise click.BadParameter(f"expected a number or comma-separated numbers, got {text!r}") from error
 
 
+# Option -> lore parameter, with the help text; defaults are the method's (LORE_PARAMETERS).
+_ADAPTER_OPTIONS = (
+    ("--mu", "mu", "Absolute threshold(s), one or one per adapter (overrides --mu-ratio)."),
+    ("--mu-ratio", "mu_ratio", "Threshold(s) as a fraction of s_1(B_i A_i), one or one per adapter."),
+    ("--weight", "weight", "Per-adapter weight(s) for the combine."),
+    ("--lambda", "lambda", "Scale of the combined task vectors."),
+    ("--combine", "combine", "sum or average (ties needs dense entries: use mergekit-yaml)."),
+    ("--base-mode", "base_mode", "anchor, fixed, init, or none (this tool: the base-free problem)."),
+    ("--base-weight", "base_weight", "Anchor strength (base_mode anchor)."),
+    ("--solver", "solver", "fista or cd."),
+    ("--max-iter", "max_iter", "Iteration cap."),
+    ("--tol", "tol", "Relative stopping tolerance (fista)."),
+)
+_PER_ADAPTER = ("mu", "mu_ratio", "weight")
+
+
+def _lore_options(command):
+    """Add one option per entry of ``_ADAPTER_OPTIONS``, showing the method's default."""
+    from mergekit_lore.params import parameter_defaults
+
+    defaults = parameter_defaults()
+    for flag, name, text in reversed(_ADAPTER_OPTIONS):
+        command = click.option(flag, name, default=None,
+                               help=f"{text} [default: {defaults[name]}]")(command)
+    return command
+
+
 @main.command("merge-adapters")
 @click.argument("base", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("paths", nargs=-1, required=True, metavar="ADAPTER... OUT", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--rank", type=click.IntRange(min=1), default=None,
               help="Cap every module's output rank (best approximation; the error is reported). Default: exact.")
 @click.option("--merged", is_flag=True, help="Write the full base model with the merged update instead of an adapter.")
-@click.option("--mu", default=None, help="Absolute threshold(s), one or one per adapter (overrides --mu-ratio).")
-@click.option("--mu-ratio", default="0.2", show_default=True, help="Threshold(s) as a fraction of s_1(B_i A_i).")
-@click.option("--weight", default="1", show_default=True, help="Per-adapter weight(s) for the combine.")
-@click.option("--lambda", "scale", type=float, default=0.5, show_default=True, help="Scale of the combined task vectors.")
-@click.option("--combine", type=click.Choice(["sum", "average"]), default="sum", show_default=True)
-@click.option("--base-mode", type=click.Choice(["anchor", "fixed", "init", "none"]), default="anchor",
-              show_default=True, help="none: the base-free LoRE problem (theta_0 estimated without the base).")
-@click.option("--base-weight", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--solver", type=click.Choice(["fista", "cd"]), default="fista", show_default=True)
-@click.option("--max-iter", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--tol", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-4, show_default=True)
+@_lore_options
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
               show_default=True, help="auto: float32 adapter, or the base's dtype with --merged.")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
-def merge_adapters_command(base, paths, rank, merged, mu, mu_ratio, weight, scale, combine, base_mode,
-                           base_weight, solver, max_iter, tol, dtype, force) -> None:
+def merge_adapters_command(base, paths, rank, merged, dtype, force, **options) -> None:
     """LoRE-merge PEFT LoRA adapters ADAPTER_1 .. ADAPTER_n of BASE into one adapter OUT (last path).
 
     Solved exactly in core space (the same result as method: lore on the merged-in models).
     """
     from mergekit_lore.adapters import merge_adapters
-    from mergekit_lore.solver import SolveOptions
+    from mergekit_lore.params import LoreParameterError
 
     if len(paths) < 2:
         raise click.UsageError("give at least one adapter and the output directory: BASE ADAPTER... OUT")
     *adapters, out = paths
+    parameters = {
+        name: (_floats(value) if name in _PER_ADAPTER else value)
+        for name, value in options.items() if value is not None
+    }
     try:
-        result = merge_adapters(
-            base, adapters, out, rank=rank, merged=merged, dtype=dtype, force=force,
-            mu=_floats(mu), mu_ratio=_floats(mu_ratio), weight=_floats(weight), scale=scale,
-            combine=combine, base_mode=base_mode, base_weight=base_weight,
-            solve=SolveOptions(solver=solver, max_iter=max_iter, tol=tol),
-        )
-    except (FileExistsError, ValueError) as error:
+        result = merge_adapters(base, adapters, out, parameters=parameters, rank=rank, merged=merged,
+                                dtype=dtype, force=force)
+    except (FileExistsError, ValueError, LoreParameterError) as error:
         raise click.ClickException(str(error)) from error
     ranks = [m.rank for m in result.modules.values()]
     what = "merged model" if merged else "adapter"

@@ -16,11 +16,10 @@ mergekit behaviour this relies on.
 
 from __future__ import annotations
 
-import difflib
 import sys
 from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple
 
-from mergekit_lore.params import LoreParameterError
+from mergekit_lore.params import LoreParameterError, unknown_parameter_message
 
 # How many frames above ``validate_inputs`` may separate it from the planner.
 _MAX_FRAMES = 8
@@ -63,16 +62,6 @@ def _slice_blocks(output: Any, where: str) -> Iterator[Tuple[str, Mapping[str, A
     yield f"the parameters of {where}", output.parameters
     for source in output.sources:
         yield f"the parameters of model {source.model}", source.parameters
-
-
-def unknown_parameter_message(name: str, where: str, known: Sequence[str], method: str) -> str:
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return (
-        f"{method}: unknown parameter '{name}' in {where}; {hint}"
-        f"{method}'s parameters are {', '.join(known)}. mergekit ignores unknown names, "
-        "so this merge would silently run with the default; fix or remove the key."
-    )
 
 
 def check_parameter_names(config: Any, known: Sequence[str], method: str) -> None:

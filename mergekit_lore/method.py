@@ -80,7 +80,7 @@ class LoreMerge(GroupMergeMethod):
         if not pinned and all(torch.equal(entry.tensor, first) for entry in entries[1:]):
             return first  # one model, or identical models, and no base pulling on theta_0
         ids = [entry.id for entry in entries]
-        reason = _known_degeneracy(parameters, ids, base is not None) if first.ndim >= 2 else None
+        reason = known_degeneracy(parameters, ids, base is not None) if first.ndim >= 2 else None
         merged = lore_merge(
             [entry.tensor for entry in entries],
             lore_config(parameters, ids),
@@ -103,7 +103,7 @@ def _check_finite(group: TensorGroup, name: str) -> None:
             )
 
 
-def _known_degeneracy(parameters: dict, ids: list, has_base: bool) -> Optional[str]:
+def known_degeneracy(parameters: dict, ids: list, has_base: bool) -> Optional[str]:
     """Announce (once) settings whose low-rank part is zero whatever the weights hold."""
     if len(ids) == 2 and not has_base and _equal_per_model(parameters, ids):
         _two_model_notice()

@@ -8,6 +8,7 @@ the CLI read defaults from here (``parameter_defaults``).
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
@@ -166,3 +167,42 @@ def lore_config(parameters: Mapping[str, Any], ids: Sequence[Any]) -> LoreConfig
             svt_backend=parameters["svt_backend"],
         ),
     )
+
+
+def unknown_parameter_message(name: str, where: str, known: Sequence[str] = PARAMETER_NAMES,
+                              method: str = "lore") -> str:
+    """The error text for a parameter name ``method`` does not have, with the closest valid one."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return (
+        f"{method}: unknown parameter '{name}' in {where}; {hint}"
+        f"{method}'s parameters are {', '.join(known)}. mergekit ignores unknown names, "
+        "so this merge would silently run with the default; fix or remove the key."
+    )
+
+
+def resolve_parameters(given: Mapping[str, Any], count: int) -> Dict[str, Any]:
+    """``given`` (YAML names) for ``count`` inputs as mergekit resolves them, for the tools.
+
+    Missing names take the spec's default and every value is validated by its spec;
+    a per-model value is one value for all inputs or a sequence of one per input, and
+    comes back as a map from the input's position. Unknown names are errors.
+    """
+    for name in given:
+        if name not in PARAMETER_NAMES:
+            raise LoreParameterError(unknown_parameter_message(name, "the given parameters"))
+    resolved: Dict[str, Any] = {}
+    for spec in LORE_PARAMETERS:
+        value = given.get(spec.name, spec.default)
+        if spec.scope == ParameterScope.SHARED:
+            resolved[spec.name] = spec.validate(value)
+            continue
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+        if len(values) == 1:
+            values = values * count
+        if len(values) != count:
+            raise LoreParameterError(
+                f"lore parameter '{spec.name}' must be one value or one per input ({count}); got {value!r}"
+            )
+        resolved[spec.name] = {index: spec.validate(v) for index, v in enumerate(values)}
+    return resolved

@@ -21,6 +21,7 @@ from mergekit_lore.adapters import merge_adapters  # noqa: E402
 from mergekit_lore.cli import main  # noqa: E402
 from mergekit_lore.core_space import core_space, merge_lora_module  # noqa: E402
 from mergekit_lore.lore import LoreConfig, lore_merge  # noqa: E402
+from mergekit_lore.params import LoreParameterError  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -194,7 +195,7 @@ def _assert_weights(actual_state: dict, expected: dict, base_state: dict, rtol=2
 def test_round_trip_through_peft(family, tmp_path, mode):
     root, base, adapters = family
     out = tmp_path / "merged_adapter"
-    result = merge_adapters(base, adapters, out, base_mode=mode)
+    result = merge_adapters(base, adapters, out, parameters={"base_mode": mode})
     config = _config(3, mode="anchor" if mode == "none" else mode)
     expected = _expected(base, adapters, config, has_base=mode != "none")
     base_state = _load(base).state_dict()
@@ -301,9 +302,11 @@ def test_rejects_shape_mismatch(family, tmp_path):
 def test_rejects_ties_and_bad_parameters(family, tmp_path):
     root, base, adapters = family
     with pytest.raises(ValueError, match="ties"):
-        merge_adapters(base, adapters, tmp_path / "out", combine="ties")
-    with pytest.raises(ValueError, match="mu_ratio: got 2 values for 3 adapters"):
-        merge_adapters(base, adapters, tmp_path / "out", mu_ratio=[0.1, 0.2])
+        merge_adapters(base, adapters, tmp_path / "out", parameters={"combine": "ties"})
+    with pytest.raises(LoreParameterError, match="'mu_ratio' must be one value or one per input"):
+        merge_adapters(base, adapters, tmp_path / "out", parameters={"mu_ratio": [0.1, 0.2]})
+    with pytest.raises(LoreParameterError, match="did you mean 'lambda'"):
+        merge_adapters(base, adapters, tmp_path / "out", parameters={"lamda": 0.7})
     run = CliRunner().invoke(main, ["merge-adapters", str(base), str(adapters[0]), str(tmp_path / "o"),
                                     "--combine", "ties"])
     assert run.exit_code != 0 and "ties" in run.output
