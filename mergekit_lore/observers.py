@@ -8,8 +8,8 @@ the task vectors, thresholds, solver statistics) to the observers registered her
   (``mergekit_lore.export`` captures the factors this way, tests capture expectations);
 - ``observe(sink)`` / ``forget(sink)``: the same without a block (``report.LoreReport``);
 - the environment variable ``MERGEKIT_LORE_REPORT=/path/report.jsonl``: a per-tensor
-  report for any process, e.g. ``mergekit-yaml``. Its writer lives in the report tool
-  (``mergekit_lore.report``), which is loaded on first use only when the variable is set.
+  report for any process, e.g. ``mergekit-yaml``. Its writer lives in the report tool;
+  the registration module plugs it in with ``set_environment_report`` (the core names no tool).
 
 Observers are process-wide, not per thread: mergekit may run ``merge_group`` in worker
 threads, so an observer registered in the main thread sees their tensors. A callback runs
@@ -20,9 +20,6 @@ into the merge.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import os
-import sys
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Sequence
 
@@ -30,14 +27,20 @@ if TYPE_CHECKING:  # annotations only: observers import nothing heavy
     from mergekit_lore.lore import SolveReport, TensorSolve
 
 ENV_VARIABLE = "MERGEKIT_LORE_REPORT"
-# The tool that serves ENV_VARIABLE; it must define ``environment_report() -> Optional[SolveSink]``.
-ENV_REPORT_MODULE = "mergekit_lore.report"
 
 # (solve, model names in input order) -> None
 SolveSink = Callable[["TensorSolve", List[str]], None]
 
 _LOCK = threading.RLock()
 _SINKS: List[SolveSink] = []
+# () -> the sink serving ENV_VARIABLE, or None; set by ``set_environment_report``.
+_ENVIRONMENT_REPORT: Optional[Callable[[], Optional[SolveSink]]] = None
+
+
+def set_environment_report(provider: Optional[Callable[[], Optional[SolveSink]]]) -> None:
+    """Install what serves ``MERGEKIT_LORE_REPORT`` (asked once per tensor; None to remove)."""
+    global _ENVIRONMENT_REPORT
+    _ENVIRONMENT_REPORT = provider
 
 
 def observe(sink: SolveSink) -> SolveSink:
@@ -70,10 +73,8 @@ def active_sinks() -> List[SolveSink]:
     """The registered observers, plus the ``MERGEKIT_LORE_REPORT`` report when that is set."""
     with _LOCK:
         sinks = list(_SINKS)
-    tool = sys.modules.get(ENV_REPORT_MODULE)
-    if tool is None and os.environ.get(ENV_VARIABLE, "").strip():
-        tool = importlib.import_module(ENV_REPORT_MODULE)
-    env_sink = tool.environment_report() if tool is not None else None  # also closes a stale one
+    provider = _ENVIRONMENT_REPORT
+    env_sink = provider() if provider is not None else None
     if env_sink is not None:
         sinks.append(env_sink)
     return sinks

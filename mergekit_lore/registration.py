@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
+from typing import Optional
 
 LOG = logging.getLogger("mergekit_lore")
 
@@ -31,4 +34,19 @@ def register_lore() -> bool:
         )
         return False
     registry.register(LoreMerge())
+    _serve_environment_report()
     return True
+
+
+def _serve_environment_report() -> None:
+    """Let ``MERGEKIT_LORE_REPORT`` reach the report tool (loaded only once it is needed)."""
+    from mergekit_lore import observers
+
+    def environment_report() -> Optional[observers.SolveSink]:
+        if "mergekit_lore.report" not in sys.modules and not os.environ.get(observers.ENV_VARIABLE, "").strip():
+            return None
+        from mergekit_lore.report import environment_report as served
+
+        return served()  # also closes a report whose variable changed or was unset
+
+    observers.set_environment_report(environment_report)
