@@ -54,11 +54,13 @@ class Scorer:
         return self.state(load_weights(path))
 
 
-def _eval_sets(data, corpus, preset) -> Dict[str, Dict[str, torch.Tensor]]:
+def _eval_sets(data, corpus, preset, general: bool) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Task blocks, plus the plain domains as ``general:NAME`` when the tasks are skills."""
     out = {}
     for split, count in (("val", preset["eval_val"]), ("test", preset["eval_test"])):
         sets = {t: b[:count] for t, b in data[split].items()}
-        sets.update({f"general:{d}": b[:count] for d, b in corpus.blocks[split].items()})
+        if general:
+            sets.update({f"general:{d}": b[:count] for d, b in corpus.blocks[split].items()})
         out[split] = sets
     return out
 
@@ -147,7 +149,7 @@ def main(args, preset, setup, log) -> Dict[str, object]:
     data = qregimes.task_data(regime, setup["corpus"], setup["texts"], setup["tokenizer"], shape.seq_len, limits)
     tasks = qregimes.task_names(regime, setup["corpus"].names)
     data["train"] = {t: data["train"][t] for t in tasks}
-    eval_sets = _eval_sets(data, setup["corpus"], preset)
+    eval_sets = _eval_sets(data, setup["corpus"], preset, regime.kind == "skills")
     context = {"base": setup["models"]["base"], "pre_key": setup["models"]["pre_key"], "data": data,
                "corpus": setup["corpus"], "workdir": args.workdir, "scorer": Scorer(setup["models"]["base"],
                                                                                     eval_sets, tasks),
