@@ -34,9 +34,11 @@ def _sign(deltas: torch.Tensor) -> torch.Tensor:
 
 
 def solve_all(states: Sequence[Dict[str, torch.Tensor]], base: Optional[Dict[str, torch.Tensor]],
-              mu_ratio: float, *, solver: str = "fista", base_weight: float = 1.0,
+              mu_ratio: float, *, solver: str = "fista", base_weight: float = 1.0, fix_base: bool = False,
               keys: Optional[List[str]] = None) -> Dict[str, object]:
-    """Per tensor: a ``LoreSolution`` (matrices) or ``(theta0, deltas)`` (0-D/1-D)."""
+    """Per tensor: a ``LoreSolution`` (matrices) or ``(theta0, deltas)`` (0-D/1-D).
+
+    With ``base``: ``base_mode: anchor`` (weight ``base_weight``), or ``fixed`` if ``fix_base``."""
     n = len(states)
     options = SolveOptions(solver=solver, max_iter=DEFAULTS["max_iter"], tol=DEFAULTS["tol"])
     out: Dict[str, object] = {}
@@ -50,8 +52,9 @@ def solve_all(states: Sequence[Dict[str, torch.Tensor]], base: Optional[Dict[str
         reference = b if b is not None else anchored_mean(thetas, None, 0.0, torch.float32)
         thresholds = resolve_thresholds(thetas, reference, [None] * n, [mu_ratio] * n,
                                         mirrored=b is None and n == 2)
-        out[key] = solve_lore(thetas, thresholds, base=b, base_weight=base_weight if b is not None else 0.0,
-                              fix_base=False, options=options)
+        anchored = b is not None and not fix_base
+        out[key] = solve_lore(thetas, thresholds, base=b, base_weight=base_weight if anchored else 0.0,
+                              fix_base=b is not None and fix_base, options=options)
     return out
 
 

@@ -7,7 +7,8 @@ from typing import List
 
 FAMILY_ORDER = ("linear", "karcher", "model_stock", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties",
                 "lore no base (defaults)", "lore no base (budget 4)", "lore no base (grid)",
-                "lore base (defaults)", "lore base (budget 4)", "lore base (grid)")
+                "lore base (defaults)", "lore base (budget 4)", "lore base (grid)", "lore base fixed (budget 4)",
+                "lore base fixed (grid)")
 
 
 def _f(x, d=4) -> str:
@@ -58,10 +59,12 @@ def _grid_lines(result) -> List[str]:
     lines = ["", "lore grid (in-process), test loss - linear, mean over seeds (val in brackets):", "",
              "| base | mu_ratio | " + " | ".join(f"lambda {x:g}" for x in lambdas) + " |",
              "|---|---|" + "---|" * len(lambdas)]
-    for has_base in (False, True):
+    for mode in ("none", "anchor", "fixed"):
         for ratio in sorted({c["mu_ratio"] for c in grid}):
-            cells = {c["lambda"]: c for c in grid if c["has_base"] == has_base and c["mu_ratio"] == ratio}
-            lines.append(f"| {'yes' if has_base else 'no'} | {ratio:g} | " + " | ".join(
+            cells = {c["lambda"]: c for c in grid if c["base_mode"] == mode and c["mu_ratio"] == ratio}
+            if not cells:
+                continue
+            lines.append(f"| {mode} | {ratio:g} | " + " | ".join(
                 f"{_f(cells[x]['test_diff'])} ({_f(cells[x]['val_diff'])})" if x in cells else "-"
                 for x in lambdas) + " |")
     return lines

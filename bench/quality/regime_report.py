@@ -35,7 +35,8 @@ def _family(r) -> Optional[str]:
     if r["name"] in FIXED_ROWS:
         return FIXED_ROWS[r["name"]]
     if fam == "lore":
-        return "lore base (grid)" if tags["has_base"] else "lore no base (grid)"
+        mode = tags.get("base_mode", "anchor" if tags["has_base"] else "none")
+        return {"none": "lore no base (grid)", "anchor": "lore base (grid)", "fixed": "lore base fixed (grid)"}[mode]
     return fam
 
 
@@ -114,7 +115,8 @@ def _inproc_check(rows) -> Dict[str, float]:
     d = qmerges.LORE_DEFAULTS
     for has_base, name in ((False, "lore no base (defaults)"), (True, "lore base (defaults)")):
         yaml_row = next((r for r in rows if r["name"] == name and _ok(r)), None)
-        cell = next((r for r in rows if r.get("via") == "in-process" and r["tags"]["has_base"] == has_base
+        mode = "anchor" if has_base else "none"
+        cell = next((r for r in rows if r.get("via") == "in-process" and r["tags"].get("base_mode") == mode
                      and r["tags"]["mu_ratio"] == d["mu_ratio"] and r["tags"]["lambda"] == d["lambda"]), None)
         if yaml_row and cell:
             out[name] = abs(yaml_row["test_mean"] - cell["test_mean"])
@@ -128,11 +130,12 @@ def _grid(result) -> List[dict]:
         linear = next(r for r in rows if r["name"] == "linear" and _ok(r))
         for r in rows:
             if r.get("via") == "in-process" and _ok(r):
-                key = (r["tags"]["has_base"], r["tags"]["mu_ratio"], r["tags"]["lambda"])
+                key = (r["tags"].get("base_mode", "anchor" if r["tags"]["has_base"] else "none"),
+                       r["tags"]["mu_ratio"], r["tags"]["lambda"])
                 entry = cells.setdefault(key, {"val": [], "test": []})
                 entry["val"].append(r["val_mean"] - linear["val_mean"])
                 entry["test"].append(r["test_mean"] - linear["test_mean"])
-    return [{"has_base": k[0], "mu_ratio": k[1], "lambda": k[2], "val_diff": statistics.fmean(v["val"]),
+    return [{"base_mode": k[0], "has_base": k[0] != "none", "mu_ratio": k[1], "lambda": k[2], "val_diff": statistics.fmean(v["val"]),
              "test_diff": statistics.fmean(v["test"]), "test_min": min(v["test"]), "test_max": max(v["test"])}
             for k, v in sorted(cells.items())]
 

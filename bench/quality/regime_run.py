@@ -28,6 +28,7 @@ from mergekit_lore.demo import load_weights
 GRID_MU = (0.05, 0.1, 0.2, 0.4)
 GRID_LAMBDA = (0.3, 0.5, 0.7, 1.0, 1.5)
 RECOVERY_MU = (0.05, 0.2, 0.5)
+GRID_MODES = ("none", "anchor", "fixed")  # no base; base_mode anchor (base_weight 1); base_mode fixed
 RECOVERY_SOLVERS = ("fista", "cd")
 
 
@@ -86,19 +87,21 @@ def _mergekit_rows(seed, paths, base, scorer, workdir, plan_fn, log) -> List[dic
 
 def _grid_rows(seed, states, base_state, scorer, log, grid_mu=GRID_MU, grid_lambda=GRID_LAMBDA) -> List[dict]:
     rows = []
-    for has_base in (False, True):
+    for mode in GRID_MODES:
+        has_base = mode != "none"
         for ratio in grid_mu:
             began = time.perf_counter()
-            sols = inproc.solve_all(states, base_state if has_base else None, ratio)
+            sols = inproc.solve_all(states, base_state if has_base else None, ratio, fix_base=mode == "fixed")
             solve_s = time.perf_counter() - began
             for lam in grid_lambda:
+                label = {"none": "no base", "anchor": "base", "fixed": "base fixed"}[mode]
                 row = {"seed": seed, "group": "grid", "method": "lore", "via": "in-process",
-                       "name": f"lore {'base' if has_base else 'no base'} mu_ratio={ratio:g} lambda={lam:g}",
-                       "tags": {"family": "lore", "has_base": has_base, "mu_ratio": ratio, "lambda": lam},
-                       "seconds": solve_s}
+                       "name": f"lore {label} mu_ratio={ratio:g} lambda={lam:g}",
+                       "tags": {"family": "lore", "has_base": has_base, "base_mode": mode, "mu_ratio": ratio,
+                                "lambda": lam}, "seconds": solve_s}
                 row.update(scorer.state(inproc.combine(sols, lam)))
                 rows.append(row)
-            log(f"  grid seed {seed} base={has_base} mu_ratio={ratio:g}: solve {solve_s:.1f} s; test "
+            log(f"  grid seed {seed} base={mode} mu_ratio={ratio:g}: solve {solve_s:.1f} s; test "
                 + " ".join(f"{r['tags']['lambda']:g}:{r['test_mean']:.4f}" for r in rows[-len(grid_lambda):]))
     return rows
 

@@ -23,19 +23,20 @@ HERE = Path(__file__).resolve().parent
 HEAVY_TOLERANCE = 0.005
 SHOW = ("karcher", "model_stock", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties",
         "lore no base (defaults)", "lore no base (budget 4)", "lore no base (grid)",
-        "lore base (defaults)", "lore base (budget 4)", "lore base (grid)")
+        "lore base (defaults)", "lore base (budget 4)", "lore base (grid)", "lore base fixed (budget 4)",
+        "lore base fixed (grid)")
 
 
 def _load(out: Path) -> Dict[str, dict]:
     return {json.loads(p.read_text())["regime"]: json.loads(p.read_text()) for p in sorted(out.glob("regime-*.json"))}
 
 
-def choose_defaults(results: Dict[str, dict], has_base: bool) -> Dict[str, object]:
+def choose_defaults(results: Dict[str, dict], mode: str) -> Dict[str, object]:
     passing = [r for r, res in results.items() if res["analysis"]["check"]["passed"]]
     cells: Dict[tuple, Dict[str, dict]] = {}
     for regime, res in results.items():
         for c in res["analysis"]["grid"]:
-            if c["has_base"] == has_base:
+            if c["base_mode"] == mode:
                 cells.setdefault((c["mu_ratio"], c["lambda"]), {})[regime] = c
     table = []
     for (ratio, lam), by in sorted(cells.items()):
@@ -85,9 +86,9 @@ def markdown(results: Dict[str, dict]) -> str:
                                   or "(none applicable: the regime fails the check)"))
     lines += ["", "## 4. Defaults protocol", "", __doc__.split("Defaults protocol (documented in the output): ")[1]
               .strip().replace("\n", " "), ""]
-    for has_base in (False, True):
-        d = choose_defaults(results, has_base)
-        label = "with a base" if has_base else "without a base"
+    for mode in ("none", "anchor", "fixed"):
+        d = choose_defaults(results, mode)
+        label = {"none": "without a base", "anchor": "with a base (anchor)", "fixed": "with a base (fixed)"}[mode]
         if d["chosen"] is None:
             lines.append(f"- {label}: no cell chosen (no regime passes the check, or no admissible cell)")
             continue
