@@ -46,7 +46,7 @@ def _reference_lines(result) -> List[str]:
         lines.append(f"- seed {info['seed']}: base {info['base_test']:.4f}, linear {info['linear_test']:.4f}; "
                      f"rel. distance {d['rel_dist']:.4f}, mean task-vector cosine {d['cosine']:+.3f}, "
                      f"top-10% spectral energy {d['top_energy']:.2f}; own-task gain (base - fine-tune, test) "
-                     f"{gains}; in-process vs mergekit-yaml |diff| "
+                     f"{gains}; in-process vs mergekit run_merge |diff| of the default rows "
                      + ", ".join(f"{k}: {v:.1e}" for k, v in info["inproc_check"].items()))
     return lines
 

@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent.parent))
+
 HEAVY_TOLERANCE = 0.005
 SHOW = ("karcher", "model_stock", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties",
         "lore no base (defaults)", "lore no base (budget 4)", "lore no base (grid)",
@@ -104,6 +108,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     results = _load(args.out)
+    from bench.quality import regime_markdown
+
+    for regime, result in results.items():  # re-render each regime's markdown from its JSON
+        (args.out / f"regime-{regime}.md").write_text(regime_markdown.markdown(result))
     (args.out / "regimes.md").write_text(markdown(results))
     print((args.out / "regimes.md").read_text())
 
