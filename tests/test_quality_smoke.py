@@ -79,3 +79,35 @@ def test_quality_pipeline_tiny(tmp_path):
     # fine-tunes moved away from the base (the divergence the benchmark reports)
     assert all(v > 0 for v in saved["divergence"]["task"]["rel_dist"].values())
     assert result["analysis"]["by_scenario"]["task"]["linear"] is not None
+
+
+def test_quality_regime_tiny(tmp_path):
+    """``--regime skills`` at tiny sizes: skills behind a prefix, the check, the lore grid
+    solved in-process, base recovery."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench.quality import run
+    finally:
+        sys.path.remove(str(REPO))
+
+    code = _domain(tmp_path / "code", CODE)
+    prose = _domain(tmp_path / "prose", PROSE)
+    out = tmp_path / "results"
+    result = run.main([
+        "--preset", "tiny", "--regime", "skills", "--seeds", "0",
+        "--domain", f"code={code}", "--domain", f"prose={prose}",
+        "--workdir", str(tmp_path / "work"), "--out", str(out), "--threads", "1",
+    ])
+    saved = json.loads((out / "regime-skills.json").read_text())
+    assert (out / "regime-skills.md").read_text().count("Literature check") == 1
+    assert (out / "regime-skills.png").stat().st_size > 0
+    rows = saved["per_seed"][0]["records"]
+    assert all(r.get("returncode", 0) == 0 for r in rows), [r.get("error") for r in rows]
+    assert all(math.isfinite(r["test_mean"]) for r in rows)
+    # the in-process solve reproduces mergekit's lore output for the default cells
+    assert all(v < 1e-4 for v in result["analysis"]["per_seed"][0]["inproc_check"].values())
+    # two models, equal thresholds, no base: the LoRE optimum has theta_0 = mean exactly
+    recovery = saved["per_seed"][0]["recovery"]
+    assert recovery and all(abs(r["ratio"] - 1.0) < 1e-5 for r in recovery if r["n"] == 2)
+    # fine-tunes on skills improved their own task
+    assert all(g > 0 for g in saved["analysis"]["per_seed"][0]["own_gain"].values())

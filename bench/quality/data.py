@@ -159,6 +159,11 @@ class Corpus:
     stats: Dict[str, Dict[str, object]]
 
 
+def domain_texts(domains: Sequence[Domain], max_chars: int, chunk_chars: int) -> Dict[str, Dict[str, List[str]]]:
+    """domain -> split -> text pieces (the deterministic split above)."""
+    return {d.name: split_text(read_domain(d, max_chars), chunk_chars) for d in domains}
+
+
 def prepare(
     domains: Sequence[Domain],
     root: Path,
@@ -172,7 +177,7 @@ def prepare(
     from transformers import PreTrainedTokenizerFast
 
     root.mkdir(parents=True, exist_ok=True)
-    texts = {d.name: split_text(read_domain(d, max_chars), chunk_chars) for d in domains}
+    texts = domain_texts(domains, max_chars, chunk_chars)
     digest = hashlib.sha256()
     for name in sorted(texts):
         for split in SPLITS:

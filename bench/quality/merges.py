@@ -10,15 +10,54 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from mergekit_lore.demo import lore_config_yaml, run_mergekit_yaml
+from mergekit_lore.method import LORE_PARAMETERS
 
 MU_RATIOS = (0.02, 0.05, 0.1, 0.2, 0.4)
 LAMBDAS = (0.25, 0.5, 1.0, 1.5)
 BASE_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 8.0)
 DARE_SEEDS = (0, 1, 2)
 TA_LAMBDAS = (0.25, 0.5, 1.0)
-# The package defaults (mergekit_lore/method.py), spelled out so the rows say what ran.
-LORE_DEFAULTS = {"mu_ratio": 0.2, "lambda": 0.5, "combine": "sum", "solver": "fista",
-                 "base_mode": "anchor", "base_weight": 1.0}
+# The package defaults, read from the method's parameter specs (one source of truth),
+# recorded in each row's tags so the rows say what ran.
+_SPEC_DEFAULTS = {spec.name: spec.default for spec in LORE_PARAMETERS}
+LORE_DEFAULTS = {key: _SPEC_DEFAULTS[key] for key in
+                 ("mu_ratio", "lambda", "combine", "solver", "base_mode", "base_weight")}
+
+
+@dataclass
+class _Done:
+    returncode: int
+    stderr: str
+
+
+def run_in_process(config: Path, out: Path, seed: Optional[int]) -> _Done:
+    """What ``mergekit-yaml CONFIG OUT [--random-seed S]`` does, without a new interpreter."""
+    import logging
+    import traceback
+
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from mergekit_lore.registration import register_lore
+
+    register_lore()
+    options = MergeOptions(random_seed=seed, quiet=True)
+    options.apply_global_options()
+    source = Path(config).read_text()
+    records: List[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[assignment]
+    logging.getLogger().addHandler(handler)
+    try:
+        run_merge(MergeConfiguration.model_validate(yaml.safe_load(source)), str(out), options=options,
+                  config_source=source)
+        return _Done(0, "\n".join(records))
+    except Exception:  # reported like a failed subprocess
+        return _Done(1, "\n".join(records) + traceback.format_exc())
+    finally:
+        logging.getLogger().removeHandler(handler)
 
 
 @dataclass
@@ -43,8 +82,9 @@ class Merge:
             method=self.method,
         )
 
-    def run(self, folder: Path) -> Dict[str, object]:
-        """Write the config, run ``mergekit-yaml``; returns rc, wall time and the output path."""
+    def run(self, folder: Path, in_process: bool = False) -> Dict[str, object]:
+        """Write the config, run ``mergekit-yaml`` (or the same ``run_merge`` call in this
+        process, which skips the ~4 s start-up); returns rc, wall time and the output path."""
         folder.mkdir(parents=True, exist_ok=True)
         slug = "".join(c if c.isalnum() else "_" for c in self.name)[:80]
         config = folder / f"{slug}.yml"
@@ -54,7 +94,7 @@ class Merge:
             shutil.rmtree(out)
         extra = ["--random-seed", str(self.seed)] if self.seed is not None else []
         began = time.perf_counter()
-        done = run_mergekit_yaml(config, out, *extra)
+        done = run_in_process(config, out, self.seed) if in_process else run_mergekit_yaml(config, out, *extra)
         seconds = time.perf_counter() - began
         return {
             "returncode": done.returncode,
@@ -165,3 +205,51 @@ def tiny_rows(scenario: str, models: Sequence[Path], base: Path) -> List[Merge]:
         Merge(scenario, "lore anchor (defaults)", "grid", "lore", list(models), base,
               tags={"family": "lore", "has_base": True, **LORE_DEFAULTS}),
     ]
+
+
+# Regime benchmark: every tuned family gets the same budget of 4 configurations, chosen on val.
+REGIME_TA_LAMBDAS = (0.3, 0.5, 0.7, 1.0)
+REGIME_TIES = tuple((d, lam) for d in (0.3, 0.6) for lam in (0.7, 1.0))  # normalised (mergekit default)
+REGIME_SUMMED = tuple((d, lam) for d in (0.3, 0.6) for lam in (0.4, 0.8))  # dare_ties / breadcrumbs_ties
+LORE_BUDGET = tuple((r, lam) for r in (0.1, 0.2) for lam in (0.5, 1.0))  # the lore cells with the same budget
+
+
+def regime_baselines(scenario: str, models: Sequence[Path], base: Path) -> List[Merge]:
+    """linear, karcher, model_stock, and task_arithmetic / ties / dare_ties / breadcrumbs_ties
+    with 4 settings each (mergekit's own defaults otherwise; DARE with --random-seed 0)."""
+    m = list(models)
+    ones = [{"weight": 1.0} for _ in m]
+
+    def dens(d):
+        return [{"weight": 1.0, "density": d} for _ in m]
+
+    rows = [Merge(scenario, "linear", "baseline", "linear", m, per_model=ones, tags={"family": "linear"}),
+            Merge(scenario, "karcher", "baseline", "karcher", m, tags={"family": "karcher"}),
+            Merge(scenario, "model_stock", "baseline", "model_stock", m, base, tags={"family": "model_stock"})]
+    for lam in REGIME_TA_LAMBDAS:
+        rows.append(Merge(scenario, f"task_arithmetic lambda={lam:g}", "baseline", "task_arithmetic", m, base,
+                          {"lambda": lam}, ones, tags={"family": "task_arithmetic", "lambda": lam}))
+    for d, lam in REGIME_TIES:
+        rows.append(Merge(scenario, f"ties density={d:g} lambda={lam:g}", "baseline", "ties", m, base,
+                          {"lambda": lam}, dens(d), tags={"family": "ties", "density": d, "lambda": lam}))
+    for d, lam in REGIME_SUMMED:
+        rows.append(Merge(scenario, f"dare_ties density={d:g} lambda={lam:g}", "baseline", "dare_ties", m, base,
+                          {"lambda": lam}, dens(d), seed=0, tags={"family": "dare_ties", "density": d,
+                                                                  "lambda": lam}))
+        rows.append(Merge(scenario, f"breadcrumbs_ties density={d + 0.3:g} lambda={lam:g}", "baseline",
+                          "breadcrumbs_ties", m, base, {"lambda": lam, "gamma": 0.01}, dens(d + 0.3),
+                          tags={"family": "breadcrumbs_ties", "density": d + 0.3, "lambda": lam}))
+    rows.append(lore_merge(scenario, m, "lore no base (defaults)"))
+    rows.append(lore_merge(scenario, m, "lore base (defaults)", base_model=base))
+    return rows
+
+
+def tiny_regime_rows(scenario: str, models: Sequence[Path], base: Path) -> List[Merge]:
+    """For the smoke test of ``--regime``: linear, one task_arithmetic, the lore defaults."""
+    m = list(models)
+    ones = [{"weight": 1.0} for _ in m]
+    return [Merge(scenario, "linear", "baseline", "linear", m, per_model=ones, tags={"family": "linear"}),
+            Merge(scenario, "task_arithmetic lambda=0.5", "baseline", "task_arithmetic", m, base,
+                  {"lambda": 0.5}, ones, tags={"family": "task_arithmetic", "lambda": 0.5}),
+            lore_merge(scenario, m, "lore no base (defaults)"),
+            lore_merge(scenario, m, "lore base (defaults)", base_model=base)]

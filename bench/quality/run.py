@@ -90,6 +90,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "for the small matrices here)")
     parser.add_argument("--only", default="", help="comma-separated scenarios to merge (task,ckpt,pair)")
     parser.add_argument("--keep-merges", action="store_true", help="keep merged model folders")
+    parser.add_argument("--regime", choices=("heavy", "skills", "skills-lora", "replay"), default=None,
+                        help="run one fine-tuning regime over --seeds (writes regime-NAME.{md,json,png}); "
+                             "without it, the original task/ckpt/pair scenarios")
+    parser.add_argument("--seeds", default="0,1", help="training seeds of --regime (default: %(default)s)")
+    parser.add_argument("--no-recovery", action="store_true", help="skip the base-recovery solves of --regime")
     return parser.parse_args(argv)
 
 
@@ -135,7 +140,7 @@ def ensure_models(args, preset, corpus, eos_id: int) -> Dict[str, object]:
                                log=log, label=f"ft-{name}")["seconds"]
         timings[f"finetune_{name}_s"] = seconds
         qtrain.save_model(model, path, corpus.tokenizer, {"key": key})
-    return {"base": base, "ckpts": ckpt_paths, "ckpt_steps": ckpt_steps, "finetunes": finetunes,
+    return {"base": base, "pre_key": pre_key, "ckpts": ckpt_paths, "ckpt_steps": ckpt_steps, "finetunes": finetunes,
             "timings": timings}
 
 
@@ -208,6 +213,13 @@ def _main(args: argparse.Namespace, argv) -> Dict[str, object]:
     prep_s = time.perf_counter() - began
 
     models = ensure_models(args, preset, corpus, eos_id)
+    if args.regime:
+        from bench.quality import regime_run
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(corpus.tokenizer))
+        texts = qdata.domain_texts(domains, preset["max_chars"], preset["chunk_chars"])
+        return regime_run.main(args, preset, {"corpus": corpus, "texts": texts, "tokenizer": tokenizer,
+                                              "models": models}, log)
     train_s = time.perf_counter() - began - prep_s
     names = corpus.names
     base = models["base"]

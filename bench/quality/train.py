@@ -93,16 +93,21 @@ def train(
     on_step: Optional[Callable[[int, object], None]] = None,
     log: Callable[[str], None] = print,
     label: str = "train",
+    mixture: Optional[Dict[str, float]] = None,
 ) -> Dict[str, float]:
-    """AdamW on random blocks; each sequence's domain is drawn uniformly from ``domains``.
+    """AdamW on random blocks; each sequence's domain is drawn from ``domains``
+    (uniformly, or with the probabilities ``mixture``, e.g. a task plus a replay of the
+    pre-training domains).
 
     ``on_step(step, model)`` runs after every optimiser step (1-based), e.g. to save
-    checkpoints.
+    checkpoints. Only parameters with ``requires_grad`` are trained (LoRA adapters).
     """
     generator = torch.Generator().manual_seed(seed)
     names = sorted(domains)
+    probs = torch.tensor([float((mixture or {}).get(n, 1.0)) for n in names], dtype=torch.float64)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=schedule.lr, betas=(0.9, 0.95), weight_decay=schedule.weight_decay
+        [p for p in model.parameters() if p.requires_grad], lr=schedule.lr, betas=(0.9, 0.95),
+        weight_decay=schedule.weight_decay,
     )
     model.train()
     began = time.perf_counter()
@@ -110,7 +115,10 @@ def train(
     for step in range(schedule.steps):
         for group in optimizer.param_groups:
             group["lr"] = schedule.rate(step)
-        picks = torch.randint(len(names), (schedule.batch,), generator=generator)
+        if mixture is None:  # uniform (the stream the cached heavy-regime models were trained with)
+            picks = torch.randint(len(names), (schedule.batch,), generator=generator)
+        else:
+            picks = torch.multinomial(probs, schedule.batch, replacement=True, generator=generator)
         rows = []
         for pick in picks.tolist():
             table = domains[names[pick]]
