@@ -45,6 +45,7 @@ from mergekit_lore.svt import (
     lowrank_norm,
     svt,
 )
+from mergekit_lore.subspace import solve_on_subspaces
 
 Solver = Literal["cd", "fista"]
 SOLVERS = ("cd", "fista")
@@ -123,6 +124,7 @@ def solve_lore(
     base_weight: float = 0.0,
     fix_base: bool = False,
     options: SolveOptions = SolveOptions(),
+    warm_start: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ) -> LoreSolution:
     """Minimise the LoRE objective for one m x k weight.
 
@@ -163,6 +165,20 @@ def solve_lore(
         deltas = [delta, delta.scaled(-1.0)]
         return stats.solution(anchor, coupling, deltas, thresholds, 1, 0.0, True, beta)
 
+    if options.solver == "fista" and options.svt_backend in ("auto", "randomized"):
+        began = time.perf_counter()
+        fast = solve_on_subspaces(
+            thetas, thresholds, anchor, coupling, tol=options.tol, max_iter=options.max_iter,
+            seed=options.seed, warm_start=warm_start,
+        )
+        if fast is not None:
+            return LoreSolution(
+                anchor=anchor, coupling=coupling, deltas=fast.deltas,
+                thresholds=[float(t) for t in thresholds], base_weight=float(beta),
+                iterations=fast.iterations, rel_change=fast.rel_change, converged=fast.converged,
+                backends=["subspace"], svt_seconds=time.perf_counter() - began - fast.pass_seconds,
+                nuclear_norms=fast.nuclear_norms,
+            )
     work = torch.empty_like(anchor)
     current = [LowRank.zeros(*anchor.shape, dtype=dtype, device=anchor.device)] * n
     point = current
