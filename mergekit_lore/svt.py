@@ -334,19 +334,35 @@ def spectral_norm(
 ) -> float:
     """Largest singular value of ``x`` by block subspace iteration (deterministic).
 
-    Cheap relative to an SVT on large matrices: a few products with an
-    8-column block. Exact SVD for tiny matrices.
+    ``x``: a 2-D tensor (any floating dtype; computed in float32, float64 stays
+    float64). ``rtol``: stop when the estimate changes by less than this fraction
+    between iterations. ``max_iter``: cap on iterations. ``seed``: of the random
+    start block. Randomized subspace (power) iteration with Rayleigh-Ritz
+    (Halko, Martinsson & Tropp 2011, Alg. 4.4 and 5.1) on an 8-column block;
+    exact SVD for matrices with a side of 32 or less.
+    """
+    return top_singular(x, rtol=rtol, max_iter=max_iter, seed=seed)[0]
+
+
+def top_singular(
+    x: torch.Tensor, *, rtol: float = 1e-5, max_iter: int = 100, seed: int = 0
+) -> Tuple[float, Optional[torch.Tensor]]:
+    """``spectral_norm`` plus the right singular block it found (cols x 8, or None).
+
+    The block seeds a later sketch of a matrix with the same row space (the
+    LoRE solver's warm start); parameters as in ``spectral_norm``.
     """
     if x.ndim != 2:
         raise ValueError(f"spectral_norm expects a 2-D tensor, got shape {tuple(x.shape)}")
     x = x.to(compute_dtype(x.dtype))
     if x.numel() == 0:
-        return 0.0
-    if x.shape[0] > x.shape[1]:
+        return 0.0, None
+    transposed = x.shape[0] > x.shape[1]
+    if transposed:
         x = x.T
     rows, cols = x.shape
     if rows <= 32:
-        return float(torch.linalg.matrix_norm(x.double(), ord=2))
+        return float(torch.linalg.matrix_norm(x.double(), ord=2)), None
     block = min(rows, 8)
     generator = torch.Generator(device=x.device)
     generator.manual_seed(seed)
@@ -356,10 +372,10 @@ def spectral_norm(
     ).Q
     estimate = 0.0
     for _ in range(max_iter):
-        _, s, v = _rayleigh_ritz(x, q)
+        u, s, v = _rayleigh_ritz(x, q)
         top = float(s[0])
         if top == 0.0 or abs(top - estimate) <= rtol * top:
-            return top
+            break
         estimate = top
         q = torch.linalg.qr(x @ v, mode="reduced").Q
-    return estimate
+    return top, (u if transposed else v)
