@@ -227,7 +227,7 @@ def solve_on_subspaces(
     mus = torch.tensor([float(m) for m in thresholds], dtype=torch.float64, device=anchor.device)
     previous: Optional[List[LowRank]] = None
     change, inner = math.inf, 0
-    small_tol = max(tol * 1e-2, 1e-12)
+    small_tol = max(tol * 1e-1, 1e-12)
     for outer in range(1, max_iter + 1):
         G = _outer_step(products, bases, coupling)
         Z, (u, shrunk, vh), used = _small_fista(G, coupling, mus, bases.Z, small_tol, 5000)

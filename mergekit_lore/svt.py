@@ -133,11 +133,21 @@ def svt(
     tol: float = 1e-5,
     seed: int = 0,
 ) -> SVTResult:
-    """Singular value thresholding of a 2-D tensor ``x`` at ``threshold``.
+    """Singular value thresholding ``U diag(max(s - threshold, 0)) V^T`` of ``x``.
 
-    ``warm_start`` (the ``basis`` of a previous result on a matrix of the same
-    shape) speeds up the randomized backend; other backends ignore it. ``tol`` is the relative
-    change of the thresholded result at which randomized power iterations stop.
+    The proximal operator of ``threshold * ||.||_*`` (Cai, Candes & Shen 2010).
+
+    ``x``: 2-D tensor (float16/bfloat16 are upcast to float32; float64 stays).
+    ``threshold``: finite, >= 0. ``backend``: ``exact`` (full SVD), ``gram``
+    (eigendecomposition of the short side's Gram matrix + Rayleigh-Ritz),
+    ``randomized`` (rank-adaptive range finder with power iterations, Halko,
+    Martinsson & Tropp 2011, Alg. 4.4) or ``auto`` (``choose_backend``).
+    ``warm_start``: the ``basis`` of a previous result on a matrix of the same
+    shape; seeds the randomized sketch (other backends ignore it).
+    ``oversample``: sketch columns beyond the kept rank. ``max_power_iters``:
+    power iterations per sketch size. ``tol``: relative change of the
+    thresholded result at which the randomized iterations stop. ``seed``: of the
+    random sketch (results are deterministic for a given seed).
     """
     if x.ndim != 2:
         raise ValueError(f"svt expects a 2-D tensor, got shape {tuple(x.shape)}")
