@@ -494,8 +494,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             "",
             "load = `LoadTensor.execute`; merge = the merge method's graph tasks; write = `SaveTensor` + "
             "`TensorWriterTask` + `FinalizeModel`; other = the rest of `run_merge` (architecture lookup, planning, "
-            "config and tokenizer files). For lore, `svt` and `thresholds` (`spectral_norm` for `mu_ratio`) are "
-            "parts of merge. Iterations/backends/ranks are per solved matrix, from `solve_lore`.",
+            "config and tokenizer files). Parts of merge for lore: dense SVT = `svt` calls of the dense (fallback) "
+            "solver, thresholds = `top_singular` for `mu_ratio`, matrix-free products = `ResidualProducts` passes of "
+            "the subspace solve, small solves = its restricted FISTA; the rest of merge is thin QRs, convergence "
+            "checks, the anchored mean, finite checks and the combine. Iterations (outer steps)/backends/ranks are "
+            "per solved matrix, from `solve_lore`.",
             "",
             split_table(all_configs),
         ]
