@@ -40,7 +40,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from mergekit_lore.svt import LowRank
+from mergekit_lore.svt import LowRank, lowrank_distance, lowrank_norm
 
 OVERSAMPLE = 10  # sketch columns beyond the kept rank
 HEADROOM = 5  # grow the sketch when fewer free columns are left
@@ -257,8 +257,6 @@ def solve_on_subspaces(
 
 
 def _relative_change(new: Sequence[LowRank], old: Sequence[LowRank]) -> float:
-    from mergekit_lore.svt import lowrank_distance, lowrank_norm
-
     step = math.sqrt(sum(float(lowrank_distance(a, b)) ** 2 for a, b in zip(new, old)))
     size = math.sqrt(sum(float(lowrank_norm(a)) ** 2 for a in new))
     return step / size if size > 0 else (0.0 if step == 0 else math.inf)
