@@ -61,9 +61,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+from common import REPO, machine_info as common_machine_info, run_mergekit_yaml  # noqa: E402
 from mergekit_lore.demo import (  # noqa: E402
     TinyLlamaShape,
     build_family,
@@ -154,24 +152,9 @@ def param_count(args: argparse.Namespace) -> int:
     return 2 * v * h + n * per_layer + h
 
 
-def subprocess_env(args: argparse.Namespace) -> Dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-        env["MKL_NUM_THREADS"] = str(args.threads)
-    return env
-
-
 def run_cli(config_path: Path, out: Path, args: argparse.Namespace) -> subprocess.CompletedProcess:
-    executable = Path(sys.executable).with_name("mergekit-yaml")
-    command = [str(executable) if executable.exists() else "mergekit-yaml",
-               str(config_path), str(out), "--quiet"]
-    if args.cuda:
-        command.append("--cuda")
-    if args.threads:
-        command += ["--num-threads", str(args.threads)]
-    return subprocess.run(command, capture_output=True, text=True, env=subprocess_env(args),
-                          timeout=args.timeout if args.timeout > 0 else None)
+    return run_mergekit_yaml(config_path, out, cuda=args.cuda, threads=args.threads,
+                             timeout=args.timeout if args.timeout > 0 else None)
 
 
 # --------------------------------------------------------------------------- in-process split
@@ -220,6 +203,7 @@ class Instrument:
         import mergekit_lore.lore as lore_module
         import mergekit_lore.method as method_module
         import mergekit_lore.solver as solver_module
+        import mergekit_lore.subspace as subspace_module
         from mergekit.graph import Task
 
         categories = {
@@ -239,7 +223,10 @@ class Instrument:
             self._patch(cls, "execute", categories.get(cls, "merge"), outermost=True)
         self._patch(method_module.LoreMerge, "merge_group", "lore.merge_group")
         self._patch(solver_module, "svt", "lore.svt")
-        self._patch(lore_module, "spectral_norm", "lore.thresholds")
+        self._patch(lore_module, "top_singular", "lore.thresholds")
+        self._patch(subspace_module.ResidualProducts, "right", "lore.dense")
+        self._patch(subspace_module.ResidualProducts, "left", "lore.dense")
+        self._patch(subspace_module, "_small_fista", "lore.small")
         original_solve = lore_module.solve_lore
         instrument = self
 
@@ -298,6 +285,8 @@ def run_in_process(config: Config, workdir: Path, args: argparse.Namespace,
         split["lore.merge_group"] = s.get("lore.merge_group", 0.0)
         split["lore.svt"] = s.get("lore.svt", 0.0)
         split["lore.thresholds"] = s.get("lore.thresholds", 0.0)
+        split["lore.dense"] = s.get("lore.dense", 0.0)
+        split["lore.small"] = s.get("lore.small", 0.0)
     stats: Dict[str, object] = {}
     if instrument.solves:
         iterations = [it for it, _, _ in instrument.solves]
@@ -359,8 +348,8 @@ def wall_table(configs: Sequence[Config]) -> str:
 
 def split_table(configs: Sequence[Config]) -> str:
     lines = [
-        "| inputs | config | in-process total s | load | merge (method) | of which lore svt | lore thresholds | write | other | solver iterations mean/max | backends | max kept rank |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| inputs | config | in-process total s | load | merge (method) | lore dense SVT (fallback) | lore thresholds | lore matrix-free products | lore small solves | write | other | solver iterations mean/max | backends | max kept rank |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in configs:
         if not c.split:
@@ -370,33 +359,15 @@ def split_table(configs: Sequence[Config]) -> str:
         iters = f"{st['iterations_mean']:.1f} / {st['iterations_max']}" if st else "-"
         lines.append(
             f"| {c.inputs} | {c.name} | {fmt(s['total'])} | {fmt(s['load'])} | {fmt(s['merge'])} | "
-            f"{fmt(s.get('lore.svt'))} | {fmt(s.get('lore.thresholds'))} | {fmt(s['write'])} | {fmt(s['other'])} | "
+            f"{fmt(s.get('lore.svt'))} | {fmt(s.get('lore.thresholds'))} | {fmt(s.get('lore.dense'))} | "
+            f"{fmt(s.get('lore.small'))} | {fmt(s['write'])} | {fmt(s['other'])} | "
             f"{iters} | {', '.join(st.get('backends', [])) or '-'} | {st.get('max_rank', '-')} |"
         )
     return "\n".join(lines)
 
 
 def machine_info(args: argparse.Namespace) -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    try:
-        import mergekit
-
-        mk = getattr(mergekit, "__version__", None)
-        if mk is None:
-            from importlib.metadata import version
-
-            mk = version("mergekit")
-    except Exception:  # pragma: no cover
-        mk = "?"
-    lines = [
-        f"- host {platform.node()} ({platform.machine()}, {platform.processor() or 'cpu'}), "
-        f"os.cpu_count() = {os.cpu_count()}, load average at start {load:.1f}",
-        f"- python {platform.python_version()}, torch {torch.__version__} "
-        f"(threads {args.threads or torch.get_num_threads()}), mergekit {mk}",
-    ]
-    if args.cuda and torch.cuda.is_available():
-        lines.append(f"- GPU: {torch.cuda.get_device_name(0)}")
-    return "\n".join(lines)
+    return common_machine_info(args.threads, "cuda" if args.cuda else None)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -523,8 +494,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             "",
             "load = `LoadTensor.execute`; merge = the merge method's graph tasks; write = `SaveTensor` + "
             "`TensorWriterTask` + `FinalizeModel`; other = the rest of `run_merge` (architecture lookup, planning, "
-            "config and tokenizer files). For lore, `svt` and `thresholds` (`spectral_norm` for `mu_ratio`) are "
-            "parts of merge. Iterations/backends/ranks are per solved matrix, from `solve_lore`.",
+            "config and tokenizer files). Parts of merge for lore: dense SVT = `svt` calls of the dense (fallback) "
+            "solver, thresholds = `top_singular` for `mu_ratio`, matrix-free products = `ResidualProducts` passes of "
+            "the subspace solve, small solves = its restricted FISTA; the rest of merge is thin QRs, convergence "
+            "checks, the anchored mean, finite checks and the combine. Iterations (outer steps)/backends/ranks are "
+            "per solved matrix, from `solve_lore`.",
             "",
             split_table(all_configs),
         ]

@@ -2,7 +2,8 @@
 """Peak extra host memory of one ``lore`` tensor merge, in units of one fp32 input tensor.
 
 Each case runs in a fresh subprocess: it builds the n inputs (and the base) first,
-records the resident set size, runs ``mergekit_lore.lore.lore_merge`` on them, and
+records the resident set size, merges them through mergekit's public
+``mergekit.merge_methods.merge_tensors(..., "lore", parameters=...)``, and
 reports ``(peak RSS - RSS before the merge) / (4 * rows * cols)``. The inputs
 themselves are not counted (mergekit holds them either way); the output is.
 
@@ -19,10 +20,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO  # noqa: E402,F401  (repository on sys.path)
 
 CASES = [
     # (label, inputs, dtype, parameters, with base)
@@ -36,12 +38,12 @@ CASES = [
 
 
 def child(spec: Dict[str, object]) -> None:
-    """Runs in the subprocess: one merge, prints the measurement as JSON."""
+    """Runs in the subprocess: one merge through mergekit's public API, prints JSON."""
     import torch
 
-    from mergekit_lore.lore import LoreConfig, lore_merge
-    from mergekit_lore.method import _sign_consensus, _trim
-    from mergekit_lore.solver import SolveOptions
+    import common  # noqa: F401  (repository on sys.path)
+    import mergekit_lore  # noqa: F401  (registers lore)
+    from mergekit.merge_methods import merge_tensors
 
     torch.set_num_threads(int(spec["threads"]))
     rows, cols = spec["shape"]
@@ -55,26 +57,20 @@ def child(spec: Dict[str, object]) -> None:
         right = torch.randn(16, cols, generator=generator)
         update = (left @ right) * (0.01 / 16) + torch.randn(rows, cols, generator=generator) * 0.001
         thetas.append((base + update).to(dtype))
-    base = base.to(dtype) if spec["base"] else None
     del left, right, update
-    parameters = dict(spec["parameters"])
-    config = LoreConfig(
-        mu=[None] * n,
-        mu_ratio=[0.2] * n,
-        weights=[1.0] * n,
-        densities=[float(parameters.get("density", 1.0))] * n,
-        scale=0.5,
-        combine=parameters.get("combine", "sum"),
-        base_mode="anchor",
-        base_weight=1.0,
-        solve=SolveOptions(svt_backend=parameters.get("svt_backend", "auto")),
-    )
+    tensors = thetas + ([base.to(dtype)] if spec["base"] else [])
+    del base
+    parameters = {"mu_ratio": 0.2, "lambda": 0.5, "base_weight": 1.0, **dict(spec["parameters"])}
     before = _rss_kib()
     _reset_peak()
-    merged = lore_merge(thetas, config, base=base, trim=_trim, sign_consensus=_sign_consensus)
+    began = time.perf_counter()
+    merged = merge_tensors(tensors, "lore", parameters=parameters,
+                           base_index=n if spec["base"] else None, name="bench.weight")
+    seconds = time.perf_counter() - began
     peak = _peak_kib()
     unit = 4 * rows * cols / 1024
-    print(json.dumps({"extra_inputs": (peak - before) / unit, "out_shape": list(merged.shape)}))
+    print(json.dumps({"extra_inputs": (peak - before) / unit, "seconds": seconds,
+                      "peak_gib": peak / 2**20, "out_shape": list(merged.shape)}))
 
 
 def _status_kib(field: str) -> int:
@@ -103,6 +99,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--shape", default="4096x11008", help="ROWSxCOLS of the weight")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="also write the markdown table here")
+    parser.add_argument("--only", default=None, help="run only cases whose label contains this text")
+    parser.add_argument("--inputs", default=None, help="run only these input counts (comma list)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -115,23 +113,26 @@ def main(argv: List[str] | None = None) -> int:
         f"Weight {rows}x{cols}; unit = one fp32 copy of it ({4 * rows * cols / 2**20:.0f} MiB). "
         "Peak RSS during `lore_merge` minus RSS before it (inputs already in memory, output "
         "included); mu_ratio 0.2, lambda 0.5, fista, base_weight 1. "
-        f"Command: `python bench/bench_memory.py --shape {args.shape}`",
+        f"Command: `python bench/bench_memory.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         "",
-        "| case | inputs | peak extra (fp32 input copies) |",
-        "|---|---|---|",
+        "| case | inputs | peak extra (fp32 input copies) | peak RSS GiB | merge s |",
+        "|---|---|---|---|---|",
     ]
+    counts = {int(v) for v in args.inputs.split(",")} if args.inputs else None
     for label, n, dtype, parameters, base in CASES:
+        if (args.only and args.only not in label) or (counts and n not in counts):
+            continue
         spec = {"shape": [rows, cols], "inputs": n, "dtype": dtype, "parameters": parameters,
                 "base": base, "threads": args.threads}
         # A fixed mmap threshold makes glibc return every freed block above 64 KiB to the
         # OS at once, so RSS tracks live memory instead of a reused heap.
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="65536")
         done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                              text=True, env=env, cwd=REPO)
+                              text=True, env=env, cwd=Path(__file__).resolve().parent)
         if done.returncode != 0:
             raise SystemExit(f"{label} (n={n}) failed:\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
-        lines.append(f"| {label} | {n} | {result['extra_inputs']:.2f} |")
+        lines.append(f"| {label} | {n} | {result['extra_inputs']:.2f} | {result['peak_gib']:.2f} | {result['seconds']:.1f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)

@@ -52,8 +52,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from common import machine_info as common_machine_info  # noqa: E402  (repository on sys.path)
 from mergekit_lore.svt import LowRank, SVTResult, choose_backend, svt  # noqa: E402
 
 DEFAULT_SHAPES = "4096x4096,4096x11008,3584x18944"
@@ -411,13 +410,7 @@ def markdown_table(rows: List[Row]) -> str:
 
 
 def machine_info(device: torch.device) -> str:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    parts = [
-        f"- host: {platform.node()} ({platform.machine()}), {os.cpu_count()} CPUs, load average at start {load[0]:.1f}" if load else f"- {os.cpu_count()} CPUs",
-        f"- python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}",
-        f"- device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-    ]
-    return "\n".join(parts)
+    return common_machine_info(None, device.type) + f"\n- device: {device}"
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -33,7 +33,11 @@ from mergekit_lore.combine import (
     merge_solution,
 )
 from mergekit_lore.solver import LoreSolution, SolveOptions, anchored_mean, solve_lore
-from mergekit_lore.svt import compute_dtype, spectral_norm
+from mergekit_lore.svt import compute_dtype, top_singular
+
+# A threshold needs s_1 to about 1e-3 (mu moves by mu_ratio * that); the
+# block it finds seeds the solve's sketch.
+THRESHOLD_RTOL = 1e-3
 
 BaseMode = Literal["anchor", "init", "fixed"]
 BASE_MODES = ("anchor", "init", "fixed")
@@ -81,12 +85,16 @@ def resolve_thresholds(
     mu_ratio: Sequence[float],
     *,
     mirrored: bool = False,
+    seeds: Optional[List[Optional[torch.Tensor]]] = None,
 ) -> List[float]:
     """Per-model absolute thresholds (``mu`` wins over ``mu_ratio``).
 
     ``mirrored``: ``reference`` is the mean of exactly two models, so both task
-    vectors share one spectrum and it is computed once.
+    vectors share one spectrum and it is computed once. ``seeds``: if a list,
+    receives per model the top right singular block found (or None).
     """
+    if seeds is not None:
+        seeds[:] = [None] * len(thetas)
     thresholds: List[float] = []
     norms: List[float] = []
     work = None
@@ -104,7 +112,10 @@ def resolve_thresholds(
         if work is None:  # row-major, whatever the layout of the inputs
             work = torch.empty(reference.shape, dtype=reference.dtype, device=reference.device)
         work.copy_(theta).sub_(reference)
-        norms.append(spectral_norm(work))
+        norm, block = top_singular(work, rtol=THRESHOLD_RTOL)
+        norms.append(norm)
+        if seeds is not None:
+            seeds[index] = block
         thresholds.append(float(ratio) * norms[-1])
     return thresholds
 
@@ -166,8 +177,10 @@ def _merge_matrix(
 ) -> torch.Tensor:
     began = time.perf_counter()
     reference = base.to(dtype) if base is not None else anchored_mean(thetas, None, 0.0, dtype)
+    seeds: List[Optional[torch.Tensor]] = []
     thresholds = resolve_thresholds(
-        thetas, reference, config.mu, config.mu_ratio, mirrored=base is None and len(thetas) == 2
+        thetas, reference, config.mu, config.mu_ratio, mirrored=base is None and len(thetas) == 2,
+        seeds=seeds,
     )
     del reference
     fixed = base is not None and config.base_mode == "fixed"
@@ -179,6 +192,7 @@ def _merge_matrix(
         base_weight=config.base_weight if anchored else 0.0,
         fix_base=fixed,
         options=config.solve,
+        warm_start=seeds,
     )
     if report is not None:
         report(

@@ -1,7 +1,7 @@
 """The LoRE solve for one weight matrix: an approximate base and low-rank task vectors.
 
-Objective (``LORE_SPEC.md``, extended with a soft base anchor and per-model
-thresholds)::
+Objective (``docs/method.md``: the LoRE-Merging objective, arXiv 2502.10749,
+extended with a soft base anchor and per-model thresholds)::
 
     F(theta_0, delta) = sum_i ( 1/2 ||theta_0 + delta_i - theta_i||_F^2 + mu_i ||delta_i||_* )
                         + beta/2 ||theta_0 - theta_base||_F^2
@@ -14,7 +14,12 @@ part has Lipschitz constant 1, so a proximal-gradient step is one SVT per model:
     delta_i <- SVT_{mu_i}(theta_i - theta_0(y)),   y = current point (cd) or momentum point (fista)
 
 ``cd`` is exactly the paper's coordinate descent (no momentum). ``fista`` adds
-Nesterov momentum with gradient-based adaptive restart and stops at ``tol``.
+Nesterov momentum (Beck & Teboulle 2009) with gradient-based adaptive restart
+(O'Donoghue & Candes 2015) and stops at ``tol``. With the ``auto`` or
+``randomized`` SVT backend, ``fista`` runs matrix-free on per-model subspaces
+(``mergekit_lore.subspace``: one warm-started subspace iteration per outer step,
+as in Yao & Kwok 2015, and an exact solve of the problem restricted to them);
+when the kept rank is not low it falls back to the dense loop below.
 
 Which minimiser: with ``beta > 0`` the problem is strictly convex (unique). Without
 an anchor and with n >= 3 generic inputs it is unique in practice. For two models
@@ -45,6 +50,7 @@ from mergekit_lore.svt import (
     lowrank_norm,
     svt,
 )
+from mergekit_lore.subspace import solve_on_subspaces
 
 Solver = Literal["cd", "fista"]
 SOLVERS = ("cd", "fista")
@@ -123,13 +129,23 @@ def solve_lore(
     base_weight: float = 0.0,
     fix_base: bool = False,
     options: SolveOptions = SolveOptions(),
+    warm_start: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ) -> LoreSolution:
     """Minimise the LoRE objective for one m x k weight.
 
-    ``thetas``: the n non-base inputs (any floating dtype, not modified).
-    ``thresholds``: ``mu_i`` per input. ``base``: optional base weight; with
-    ``fix_base`` it is pinned as ``theta_0``, otherwise the solve starts from it
-    and ``base_weight`` (beta) anchors ``theta_0`` to it (0 = base-free problem).
+    ``thetas``: the n non-base inputs (any floating dtype or memory layout, not
+    modified). ``thresholds``: ``mu_i`` per input (absolute). ``base``: optional
+    base weight. ``base_weight``: beta, the soft anchor of ``theta_0`` to the
+    base (0 = the base-free problem; the base then only sets the start of
+    ``cd``). ``fix_base``: pin ``theta_0`` to ``base`` (one SVT per model).
+    ``options``: ``solver`` (``cd``: the paper's coordinate descent; ``fista``:
+    accelerated proximal gradient, Beck & Teboulle 2009, with restarts,
+    O'Donoghue & Candes 2015, matrix-free on subspaces for the ``auto`` and
+    ``randomized`` backends), ``max_iter``, ``tol`` (relative change of the task
+    vectors per step at which to stop), ``svt_backend`` (see ``svt``) and
+    ``seed``. ``warm_start``: optional right singular blocks (k x r) per model,
+    e.g. from the threshold computation, to seed the sketch (speed only).
+    SVTs follow Cai, Candes & Shen 2010.
     """
     n = len(thetas)
     if n == 0:
@@ -163,6 +179,20 @@ def solve_lore(
         deltas = [delta, delta.scaled(-1.0)]
         return stats.solution(anchor, coupling, deltas, thresholds, 1, 0.0, True, beta)
 
+    if options.solver == "fista" and options.svt_backend in ("auto", "randomized"):
+        began = time.perf_counter()
+        fast = solve_on_subspaces(
+            thetas, thresholds, anchor, coupling, tol=options.tol, max_iter=options.max_iter,
+            seed=options.seed, warm_start=warm_start,
+        )
+        if fast is not None:
+            return LoreSolution(
+                anchor=anchor, coupling=coupling, deltas=fast.deltas,
+                thresholds=[float(t) for t in thresholds], base_weight=float(beta),
+                iterations=fast.iterations, rel_change=fast.rel_change, converged=fast.converged,
+                backends=["subspace"], svt_seconds=time.perf_counter() - began - fast.pass_seconds,
+                nuclear_norms=fast.nuclear_norms,
+            )
     work = torch.empty_like(anchor)
     current = [LowRank.zeros(*anchor.shape, dtype=dtype, device=anchor.device)] * n
     point = current

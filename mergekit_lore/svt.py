@@ -151,11 +151,21 @@ def svt(
     tol: float = 1e-5,
     seed: int = 0,
 ) -> SVTResult:
-    """Singular value thresholding of a 2-D tensor ``x`` at ``threshold``.
+    """Singular value thresholding ``U diag(max(s - threshold, 0)) V^T`` of ``x``.
 
-    ``warm_start`` (the ``basis`` of a previous result on a matrix of the same
-    shape) speeds up the randomized backend; other backends ignore it. ``tol`` is the relative
-    change of the thresholded result at which randomized power iterations stop.
+    The proximal operator of ``threshold * ||.||_*`` (Cai, Candes & Shen 2010).
+
+    ``x``: 2-D tensor (float16/bfloat16 are upcast to float32; float64 stays).
+    ``threshold``: finite, >= 0. ``backend``: ``exact`` (full SVD), ``gram``
+    (eigendecomposition of the short side's Gram matrix + Rayleigh-Ritz),
+    ``randomized`` (rank-adaptive range finder with power iterations, Halko,
+    Martinsson & Tropp 2011, Alg. 4.4) or ``auto`` (``choose_backend``).
+    ``warm_start``: the ``basis`` of a previous result on a matrix of the same
+    shape; seeds the randomized sketch (other backends ignore it).
+    ``oversample``: sketch columns beyond the kept rank. ``max_power_iters``:
+    power iterations per sketch size. ``tol``: relative change of the
+    thresholded result at which the randomized iterations stop. ``seed``: of the
+    random sketch (results are deterministic for a given seed).
     """
     if x.ndim != 2:
         raise ValueError(f"svt expects a 2-D tensor, got shape {tuple(x.shape)}")
@@ -352,19 +362,35 @@ def spectral_norm(
 ) -> float:
     """Largest singular value of ``x`` by block subspace iteration (deterministic).
 
-    Cheap relative to an SVT on large matrices: a few products with an
-    8-column block. Exact SVD for tiny matrices.
+    ``x``: a 2-D tensor (any floating dtype; computed in float32, float64 stays
+    float64). ``rtol``: stop when the estimate changes by less than this fraction
+    between iterations. ``max_iter``: cap on iterations. ``seed``: of the random
+    start block. Randomized subspace (power) iteration with Rayleigh-Ritz
+    (Halko, Martinsson & Tropp 2011, Alg. 4.4 and 5.1) on an 8-column block;
+    exact SVD for matrices with a side of 32 or less.
+    """
+    return top_singular(x, rtol=rtol, max_iter=max_iter, seed=seed)[0]
+
+
+def top_singular(
+    x: torch.Tensor, *, rtol: float = 1e-5, max_iter: int = 100, seed: int = 0
+) -> Tuple[float, Optional[torch.Tensor]]:
+    """``spectral_norm`` plus the right singular block it found (cols x 8, or None).
+
+    The block seeds a later sketch of a matrix with the same row space (the
+    LoRE solver's warm start); parameters as in ``spectral_norm``.
     """
     if x.ndim != 2:
         raise ValueError(f"spectral_norm expects a 2-D tensor, got shape {tuple(x.shape)}")
     x = x.to(compute_dtype(x.dtype))
     if x.numel() == 0:
-        return 0.0
-    if x.shape[0] > x.shape[1]:
+        return 0.0, None
+    transposed = x.shape[0] > x.shape[1]
+    if transposed:
         x = x.T
     rows, cols = x.shape
     if rows <= 32:
-        return float(torch.linalg.matrix_norm(x.double(), ord=2))
+        return float(torch.linalg.matrix_norm(x.double(), ord=2)), None
     block = min(rows, 8)
     generator = torch.Generator(device=x.device)
     generator.manual_seed(seed)
@@ -374,10 +400,10 @@ def spectral_norm(
     ).Q
     estimate = 0.0
     for _ in range(max_iter):
-        _, s, v = _rayleigh_ritz(x, q)
+        u, s, v = _rayleigh_ritz(x, q)
         top = float(s[0])
         if top == 0.0 or abs(top - estimate) <= rtol * top:
-            return top
+            break
         estimate = top
         q = torch.linalg.qr(x @ v, mode="reduced").Q
-    return estimate
+    return top, (u if transposed else v)

@@ -1,0 +1,80 @@
+"""Shared pieces of the benchmarks: repository path set-up, machine info, CLI runner.
+
+Import it first (``import common`` from a script in ``bench/``): it puts the
+repository root on ``sys.path`` once, so the benches run from a checkout without
+installing the package.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    # An explicit PYTHONPATH (e.g. another checkout to compare with) wins.
+    if os.environ.get("PYTHONPATH"):
+        sys.path.append(str(REPO))
+    else:
+        sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+
+def mergekit_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mergekit")
+    except Exception:  # pragma: no cover
+        return "?"
+
+
+def machine_info(threads: Optional[int] = None, device: Optional[str] = None) -> str:
+    """Markdown bullet lines: host, CPUs, load, python/torch/mergekit versions, device."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines = [
+        f"- host {platform.node()} ({platform.machine()}), os.cpu_count() = {os.cpu_count()}, "
+        f"load average at start {load:.1f}",
+        f"- python {platform.python_version()}, torch {torch.__version__} "
+        f"(threads {threads or torch.get_num_threads()}), mergekit {mergekit_version()}",
+    ]
+    if device == "cuda" and torch.cuda.is_available():
+        lines.append(f"- GPU: {torch.cuda.get_device_name(0)}")
+    return "\n".join(lines)
+
+
+def subprocess_env(threads: Optional[int]) -> Dict[str, str]:
+    """Offline environment for a ``mergekit-yaml`` child, with its thread count pinned."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if not env.get("PYTHONPATH"):  # the child imports this checkout unless told otherwise
+        env["PYTHONPATH"] = str(REPO)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+        env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_mergekit_yaml(
+    config_path: Path,
+    out: Path,
+    *,
+    cuda: bool = False,
+    threads: Optional[int] = None,
+    timeout: Optional[float] = None,
+    extra: Sequence[str] = (),
+) -> subprocess.CompletedProcess:
+    """Run the real ``mergekit-yaml`` CLI (the one next to this interpreter if present)."""
+    executable = Path(sys.executable).with_name("mergekit-yaml")
+    command: List[str] = [str(executable) if executable.exists() else "mergekit-yaml",
+                          str(config_path), str(out), "--quiet", *extra]
+    if cuda:
+        command.append("--cuda")
+    if threads:
+        command += ["--num-threads", str(threads)]
+    return subprocess.run(command, capture_output=True, text=True, env=subprocess_env(threads),
+                          timeout=timeout)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# GPU check for mergekit-lore: one command on a fresh H100/H200 machine (CUDA torch,
+# mergekit and this package installed, no network). Writes everything to one file:
+#   bench/results/gpu_check_<host>_<date>.md   (or $GPU_CHECK_OUT)
+# Steps (each under its own time limit, whole script < 8 min on one H100/H200):
+#   1. the cuda-marked tests
+#   2. SVT kernel bench on 4096x11008, 3584x18944, 152064x3584 (bf16-free float32 kernels)
+#   3. a Qwen2.5-7B-shaped end-to-end merge, 2 fine-tunes + base, bf16, mergekit-yaml --cuda:
+#      lore (base_model, anchor) vs ties vs linear (GPU_CHECK_LAYERS layers, default 2)
+# Without CUDA it stops at once with exit status 2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python}"
+LAYERS="${GPU_CHECK_LAYERS:-2}"
+OUT="${GPU_CHECK_OUT:-bench/results/gpu_check_$(hostname)_$(date -u +%Y%m%dT%H%M).md}"
+WORK="${GPU_CHECK_WORKDIR:-${TMPDIR:-/tmp}/mergekit-lore-gpu-check}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if ! timeout 60 "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "gpu_check: no CUDA device visible to torch ($("$PYTHON" -c 'import torch; print(torch.__version__)' 2>&1)); nothing run." >&2
+    exit 2
+fi
+mkdir -p "$(dirname "$OUT")" "$WORK"
+status=0
+{
+    echo "# GPU check ($(date -u +%FT%TZ))"
+    echo
+    "$PYTHON" -c 'import torch; print(f"- torch {torch.__version__}, CUDA {torch.version.cuda}, GPU {torch.cuda.get_device_name(0)}")'
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/- nvidia-smi: /' || true
+    echo
+    echo "## 1. cuda-marked tests"
+    echo
+    echo '```'
+} > "$OUT"
+timeout 120 "$PYTHON" -m pytest -q -m cuda tests/ >> "$OUT" 2>&1 || { echo "(tests FAILED or timed out: status $?)" >> "$OUT"; status=1; }
+{ echo '```'; echo; echo "## 2. SVT kernel (float32 on GPU)"; echo; } >> "$OUT"
+timeout 150 "$PYTHON" bench/bench_svt.py --device cuda --shapes 4096x11008,3584x18944,152064x3584 \
+    --runs 3 --timeout 60 --out "$WORK/svt.md" > "$WORK/svt.log" 2>&1 \
+    && cat "$WORK/svt.md" >> "$OUT" || { echo "(SVT bench FAILED or timed out: status $?)"; tail -30 "$WORK/svt.log"; status=1; } >> "$OUT"
+{ echo; echo "## 3. Qwen2.5-7B-shaped merge, $LAYERS layers, 2 fine-tunes + base, bf16, --cuda"; echo; } >> "$OUT"
+timeout 270 "$PYTHON" bench/bench_e2e.py --cuda --hidden 3584 --intermediate 18944 --heads 28 --kv-heads 4 \
+    --vocab 152064 --layers "$LAYERS" --dtype bfloat16 --ft-rank 16 --ft-strength 0.05 --ft-noise 0.002 \
+    --inputs 2 --runs 1 --configs "linear,ties,lore base_model" --timeout 200 \
+    --workdir "$WORK/e2e" --out "$WORK/e2e.md" > "$WORK/e2e.log" 2>&1 \
+    && cat "$WORK/e2e.md" >> "$OUT" || { echo "(e2e bench FAILED or timed out: status $?)"; tail -30 "$WORK/e2e.log"; status=1; } >> "$OUT"
+echo "gpu_check: results in $OUT (status $status)"
+exit $status

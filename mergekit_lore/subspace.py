@@ -1,0 +1,267 @@
+"""Matrix-free LoRE solve on per-model subspaces (the fast path of ``solve_lore``).
+
+The proximal-gradient step of the LoRE problem (``docs/method.md``) is
+``delta_i <- SVT_{mu_i}(X_i)`` with ``X_i = D_i + c * S``, ``D_i = theta_i - anchor``
+fixed and ``S = sum_j delta_j`` low rank. This module never forms ``X_i``:
+
+1. **Products only.** ``D_i @ V`` and ``D_i^T @ Q`` are computed in row blocks
+   (``ResidualProducts``): each block of ``theta_i - anchor`` is formed in a small
+   row-major buffer and multiplied at once, so ``D_i`` is never stored and the
+   result does not depend on the inputs' memory layout. The low-rank part
+   ``c * S`` is applied through its factors.
+2. **One warm-started subspace iteration per outer step** and model (Halko,
+   Martinsson & Tropp 2011, Alg. 4.4; reused across steps as in the accelerated
+   inexact soft-impute of Yao & Kwok 2015): ``Q_i = orth(X_i V_i)``,
+   ``V_i = orth(X_i^T Q_i)``. Two passes over the weight per model and step.
+3. **Exact solve on the subspaces.** With ``delta_i = Q_i Z_i V_i^T`` the objective
+   restricted to these subspaces is the same LoRE problem on small ``l x l``
+   matrices (the bases are orthonormal, so norms are preserved); it is solved
+   to high accuracy by FISTA (Beck & Teboulle 2009) with gradient restarts
+   (O'Donoghue & Candes 2015) and batched exact SVDs in float64. The slow
+   (flat) directions of the LoRE objective therefore cost small-matrix
+   iterations only, not passes over the weights.
+
+If the bases contain the singular subspaces of every ``X_i`` above ``mu_i`` at
+the optimum, the restricted minimiser is the global one (the thresholded part
+of ``X_i`` lives inside them). Outer steps stop when the task vectors change by
+less than ``tol`` (relative); the bases grow when a model's kept rank nears the
+sketch size, and the caller falls back to the dense solver when they would
+pass a quarter of the short side (then the spectrum is not low rank).
+
+Pure torch, no mergekit imports.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from mergekit_lore.svt import LowRank, lowrank_distance, lowrank_norm
+
+OVERSAMPLE = 10  # sketch columns beyond the kept rank
+HEADROOM = 5  # grow the sketch when fewer free columns are left
+CPU_BLOCK_ELEMENTS = 1 << 18  # 1 MiB float32 row blocks: stays in cache
+CUDA_BLOCK_ELEMENTS = 1 << 27  # on a GPU one large block (few kernel launches)
+
+
+class ResidualProducts:
+    """Products with ``D_i = theta_i - anchor`` in row blocks, never storing ``D_i``."""
+
+    def __init__(self, thetas: Sequence[torch.Tensor], anchor: torch.Tensor):
+        self.thetas = thetas
+        self.anchor = anchor
+        rows, cols = anchor.shape
+        budget = CUDA_BLOCK_ELEMENTS if anchor.is_cuda else CPU_BLOCK_ELEMENTS
+        self.block = max(1, min(rows, budget // max(cols, 1)))
+        self.buffer = torch.empty(self.block, cols, dtype=anchor.dtype, device=anchor.device)
+        self.passes = 0
+        self.seconds = 0.0
+
+    def _blocks(self, index: int):
+        theta = self.thetas[index]
+        for start in range(0, self.anchor.shape[0], self.block):
+            stop = min(start + self.block, self.anchor.shape[0])
+            chunk = self.buffer[: stop - start]
+            chunk.copy_(theta[start:stop]).sub_(self.anchor[start:stop])
+            yield start, stop, chunk
+
+    def right(self, index: int, matrix: torch.Tensor) -> torch.Tensor:
+        """``D_index @ matrix`` (m x l)."""
+        began = time.perf_counter()
+        out = torch.empty(self.anchor.shape[0], matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
+        for start, stop, chunk in self._blocks(index):
+            torch.mm(chunk, matrix, out=out[start:stop])
+        self.passes += 1
+        self.seconds += time.perf_counter() - began
+        return out
+
+    def left(self, index: int, matrix: torch.Tensor) -> torch.Tensor:
+        """``D_index^T @ matrix`` (k x l), accumulated over row blocks in a fixed order."""
+        began = time.perf_counter()
+        out = torch.zeros(self.anchor.shape[1], matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
+        for start, stop, chunk in self._blocks(index):
+            out.addmm_(chunk.T, matrix[start:stop])
+        self.passes += 1
+        self.seconds += time.perf_counter() - began
+        return out
+
+
+@dataclass
+class SubspaceResult:
+    deltas: List[LowRank]
+    nuclear_norms: List[float]
+    iterations: int
+    rel_change: float
+    converged: bool
+    inner_iterations: int
+    passes: int
+    pass_seconds: float
+
+
+def _orth(matrix: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(matrix, mode="reduced").Q
+
+
+def _random_basis(rows: int, cols: int, generator, like: torch.Tensor) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=generator, dtype=like.dtype, device=like.device)
+
+
+def _initial_bases(
+    warm: Optional[Sequence[Optional[torch.Tensor]]], n: int, cols: int, size: int, generator, like
+) -> List[torch.Tensor]:
+    bases = []
+    for i in range(n):
+        seed = warm[i] if warm is not None and i < len(warm) else None
+        start = [] if seed is None or seed.shape[0] != cols else [seed.to(like.dtype)[:, :size]]
+        used = start[0].shape[1] if start else 0
+        start.append(_random_basis(cols, size - used, generator, like))
+        bases.append(_orth(torch.cat(start, dim=1)))
+    return bases
+
+
+def _small_fista(G, coupling, mus, Z, tol, max_iter):
+    """FISTA on the restricted problem: ``Z_i <- SVT_{mu_i}(G_i + c * sum_j Z_j)``.
+
+    All models share one pair of bases, so the coupling is a plain sum. float64,
+    batched over models. Returns the solution, its SVD pieces and the iteration count.
+    """
+    point, momentum = Z, 1.0
+    mu = mus.view(-1, 1)
+    for k in range(1, max_iter + 1):
+        M = G + coupling * point.sum(dim=0, keepdim=True)
+        u, s, vh = torch.linalg.svd(M, full_matrices=False)
+        shrunk = (s - mu).clamp_min(0)
+        new = (u * shrunk.unsqueeze(1)) @ vh
+        step = float((new - Z).norm())
+        size = float(new.norm())
+        if step <= tol * size or (size == 0.0 and step == 0.0):
+            return new, (u, shrunk, vh), k
+        if float(((point - new) * (new - Z)).sum()) > 0:  # restart (O'Donoghue & Candes)
+            momentum, point, Z = 1.0, new, new
+            continue
+        following = (1.0 + math.sqrt(1.0 + 4.0 * momentum * momentum)) / 2.0
+        weight = (momentum - 1.0) / following
+        momentum = following
+        point = new + weight * (new - Z)
+        Z = new
+    return new, (u, shrunk, vh), max_iter
+
+
+class _Bases:
+    """Per-model right sketches ``V_i`` and the shared bases ``U``, ``W`` with the solution ``Z``."""
+
+    def __init__(self, V: List[torch.Tensor]):
+        self.V = V
+        self.U: Optional[torch.Tensor] = None
+        self.W: Optional[torch.Tensor] = None
+        self.Z: Optional[torch.Tensor] = None  # (n, P, P) float64, delta_i = U Z_i W^T
+
+
+def _outer_step(products, bases: _Bases, coupling: float):
+    """One subspace iteration per model on ``X_i = D_i + c S``, then shared bases and ``U^T D_i W``."""
+    n, dtype = len(bases.V), bases.V[0].dtype
+    left = right = None
+    if bases.Z is not None:  # S = U (sum_i Z_i) W^T
+        left = bases.U @ bases.Z.sum(dim=0).to(dtype)
+        right = bases.W
+    sketches = []
+    for i in range(n):
+        y = products.right(i, bases.V[i])
+        if left is not None:
+            y.addmm_(left, right.T @ bases.V[i], alpha=coupling)
+        sketches.append(_orth(y))
+    U = _orth(torch.cat(sketches, dim=1))
+    dense_parts, V = [], []
+    for i in range(n):
+        h = products.left(i, U)  # D_i^T U
+        xt = h if left is None else torch.addmm(h, right, left.T @ U, alpha=coupling)  # X_i^T U
+        V.append(_orth(xt @ (U.T @ sketches[i])))  # orth(X_i^T Q_i)
+        dense_parts.append(h)
+    W = _orth(torch.cat(V, dim=1))
+    G = torch.stack([(h.T @ W) for h in dense_parts]).double()
+    if bases.Z is not None:  # carry the previous solution into the new bases
+        into_u = (U.T @ bases.U).double()
+        into_w = (bases.W.T @ W).double()
+        bases.Z = into_u @ bases.Z @ into_w
+    else:
+        bases.Z = torch.zeros(n, U.shape[1], W.shape[1], dtype=torch.float64, device=U.device)
+    bases.U, bases.W, bases.V = U, W, V
+    return G
+
+
+def solve_on_subspaces(
+    thetas: Sequence[torch.Tensor],
+    thresholds: Sequence[float],
+    anchor: torch.Tensor,
+    coupling: float,
+    *,
+    tol: float,
+    max_iter: int,
+    seed: int,
+    warm_start: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    max_rank: Optional[int] = None,
+) -> Optional[SubspaceResult]:
+    """Minimise the LoRE objective matrix-free; None when the kept rank passes ``max_rank``.
+
+    ``thetas``: the n inputs (any dtype/layout); ``anchor``: row-major float32/64
+    anchored mean; ``coupling``: ``1 / (beta + n)``; ``tol``: relative change of the
+    task vectors between outer steps at which to stop; ``max_iter``: outer steps;
+    ``seed``: of the random sketch; ``warm_start``: optional right bases (k x r) per
+    model to seed it; ``max_rank``: largest per-model sketch before giving up
+    (default a quarter of the short side).
+    """
+    n = len(thetas)
+    rows, cols = anchor.shape
+    limit = max_rank if max_rank is not None else min(rows, cols) // 4
+    size = 2 * OVERSAMPLE
+    if size > limit or n * size > min(rows, cols):
+        return None
+    generator = torch.Generator(device=anchor.device)
+    generator.manual_seed(seed)
+    products = ResidualProducts(thetas, anchor)
+    bases = _Bases(_initial_bases(warm_start, n, cols, size, generator, anchor))
+    mus = torch.tensor([float(m) for m in thresholds], dtype=torch.float64, device=anchor.device)
+    previous: Optional[List[LowRank]] = None
+    change, inner = math.inf, 0
+    small_tol = max(tol * 1e-1, 1e-12)
+    for outer in range(1, max_iter + 1):
+        G = _outer_step(products, bases, coupling)
+        Z, (u, shrunk, vh), used = _small_fista(G, coupling, mus, bases.Z, small_tol, 5000)
+        bases.Z = Z
+        inner += used
+        kept = [int((shrunk[i] > 0).sum()) for i in range(n)]
+        dtype = anchor.dtype
+        deltas = [
+            LowRank(bases.U @ (u[i, :, : kept[i]] * shrunk[i, : kept[i]]).to(dtype),
+                    bases.W @ vh[i, : kept[i]].T.to(dtype))
+            for i in range(n)
+        ]
+        if max(kept) > size - HEADROOM:
+            grown = max(size + size // 2, max(kept) + OVERSAMPLE)
+            if grown > limit or n * grown > min(rows, cols):
+                return None
+            bases.V = [_orth(torch.cat([v, _random_basis(cols, grown - size, generator, anchor)], dim=1))
+                       for v in bases.V]
+            size, previous, change = grown, deltas, math.inf
+            continue
+        if previous is not None:
+            change = _relative_change(deltas, previous)
+            if change <= tol:
+                return _result(deltas, shrunk, kept, outer, change, True, inner, products)
+        previous = deltas
+    return _result(deltas, shrunk, kept, max_iter, change, False, inner, products)
+
+
+def _relative_change(new: Sequence[LowRank], old: Sequence[LowRank]) -> float:
+    step = math.sqrt(sum(float(lowrank_distance(a, b)) ** 2 for a, b in zip(new, old)))
+    size = math.sqrt(sum(float(lowrank_norm(a)) ** 2 for a in new))
+    return step / size if size > 0 else (0.0 if step == 0 else math.inf)
+
+
+def _result(deltas, shrunk, kept, iterations, change, converged, inner, products) -> SubspaceResult:
+    norms = [float(shrunk[i, : kept[i]].sum()) for i in range(len(deltas))]
+    return SubspaceResult(deltas, norms, iterations, change, converged, inner, products.passes, products.seconds)

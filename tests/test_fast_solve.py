@@ -1,0 +1,151 @@
+"""The matrix-free subspace fast path of ``solve_lore`` against float64 references."""
+
+import pytest
+import torch
+
+from mergekit_lore.combine import merge_solution
+from mergekit_lore.solver import SolveOptions, lore_objective, solve_lore
+from mergekit_lore.svt import spectral_norm, top_singular
+
+ROWS, COLS = 160, 240
+
+
+def dense_svt(x, mu):
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    return (u * (s - mu).clamp_min(0)) @ vh
+
+
+def reference_solve(thetas, mus, base=None, beta=0.0, iters=5000):
+    """Float64 FISTA with exact SVDs and a function-value restart, written from the objective."""
+    th = [t.double() for t in thetas]
+    n = len(th)
+    beta = beta if base is not None else 0.0
+
+    def theta0_of(deltas):
+        total = sum(t - d for t, d in zip(th, deltas))
+        if beta:
+            total = total + beta * base.double()
+        return total / (n + beta)
+
+    def value(deltas):
+        return lore_objective(th, theta0_of(deltas), deltas, mus, base=base, base_weight=beta)
+
+    deltas = [torch.zeros_like(th[0]) for _ in th]
+    point, t, current = deltas, 1.0, value(deltas)
+    for _ in range(iters):
+        theta0 = theta0_of(point)
+        new = [dense_svt(x - theta0, mu) for x, mu in zip(th, mus)]
+        new_value = value(new)
+        if new_value > current and t > 1.0:
+            point, t = deltas, 1.0
+            continue
+        change = max(float((a - b).norm()) for a, b in zip(new, deltas))
+        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        point = [a + ((t - 1) / t_next) * (a - b) for a, b in zip(new, deltas)]
+        deltas, t, current = new, t_next, new_value
+        if change < 1e-11:
+            break
+    return theta0_of(deltas), deltas
+
+
+def family(n, rank, noise, seed, rows=ROWS, cols=COLS):
+    """Base + a rank-``rank`` update per model + dense noise (spectral gap above the bulk)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    thetas = []
+    for _ in range(n):
+        update = torch.randn(rows, rank, generator=g, dtype=torch.float64) @ torch.randn(
+            rank, cols, generator=g, dtype=torch.float64
+        )
+        thetas.append(base + 0.3 * update + noise * torch.randn(rows, cols, generator=g, dtype=torch.float64))
+    return base, thetas
+
+
+def thresholds_for(thetas, reference, ratio=0.2):
+    return [ratio * float(torch.linalg.matrix_norm(t - reference, ord=2)) for t in thetas]
+
+
+def merged(solution, scale=0.6):
+    n = len(solution.deltas)
+    return merge_solution(
+        solution, combine="sum", scale=scale, weights=[1.0] * n, densities=[1.0] * n,
+        trim=lambda d, p: d, sign_consensus=lambda d: torch.ones_like(d, dtype=torch.bool),
+    ).double()
+
+
+def relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+CASES = [
+    # (n, rank, noise, with base)
+    (3, 4, 0.0, False),  # planted low rank, no noise
+    (3, 6, 0.3, False),  # noisy
+    (2, 6, 0.3, True),  # two models + base (anchor)
+    (5, 3, 0.2, False),
+    (3, 30, 0.05, False),  # kept rank beyond the first sketch (20 columns): the sketch grows
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"n{c[0]}-r{c[1]}-noise{c[2]}-base{c[3]}" for c in CASES])
+def test_fast_path_matches_reference_and_tight_solve(case):
+    n, rank, noise, with_base = case
+    base, thetas = family(n, rank, noise, seed=n * 10 + rank)
+    beta = 1.0 if with_base else 0.0
+    reference = base if with_base else sum(thetas) / n
+    mus = thresholds_for(thetas, reference)
+    kwargs = dict(base=base.float(), base_weight=beta) if with_base else {}
+    fast = solve_lore([t.float() for t in thetas], mus, **kwargs)  # default tol 1e-4
+    assert fast.backends == ["subspace"] and fast.converged
+    # the same solve run to tol 1e-7 (float64 inputs, so that tol is reachable)
+    kwargs64 = dict(base=base, base_weight=beta) if with_base else {}
+    tight = solve_lore(thetas, mus, options=SolveOptions(tol=1e-7, max_iter=500), **kwargs64)
+    assert tight.backends == ["subspace"] and tight.converged
+    theta0_ref, deltas_ref = reference_solve(thetas, mus, base=base if with_base else None, beta=beta)
+    merged_ref = theta0_ref + 0.6 * sum(deltas_ref)
+    assert relative(merged(fast), merged(tight)) < 1e-3
+    assert relative(merged(tight), merged_ref) < 1e-6
+    assert relative(merged(fast), merged_ref) < 1e-3
+    for i in range(n):
+        expected = deltas_ref[i]
+        assert relative(fast.delta(i).double(), expected) < 1e-3
+        assert relative(tight.delta(i).double(), expected) < 1e-5
+        assert fast.ranks[i] == int((torch.linalg.svdvals(expected) > 1e-6 * float(expected.norm())).sum())
+
+
+def test_fast_path_output_does_not_depend_on_memory_layout():
+    _, thetas = family(3, 5, 0.3, seed=3, rows=COLS, cols=ROWS)  # 240 x 160
+    row_major = [t.float().T.contiguous() for t in thetas]  # 160 x 240 contiguous
+    views = [t.float().T for t in thetas]  # the same values as transposed views
+    assert not views[0].is_contiguous()
+    mus = thresholds_for([t.double() for t in row_major], sum(t.double() for t in row_major) / 3)
+    a = solve_lore(row_major, mus)
+    b = solve_lore(views, mus)
+    assert a.backends == b.backends == ["subspace"]
+    assert relative(merged(b), merged(a)) < 1e-6
+
+
+def test_bulk_threshold_falls_back_to_the_dense_solver_and_stays_exact():
+    # threshold inside the noise bulk: the kept rank passes a quarter of the short side
+    _, thetas = family(3, 2, 3.0, seed=5)
+    mus = thresholds_for(thetas, sum(thetas) / 3, ratio=0.3)
+    solution = solve_lore([t.float() for t in thetas], mus, options=SolveOptions(tol=1e-6, max_iter=2000))
+    assert "subspace" not in solution.backends
+    assert max(solution.ranks) > min(ROWS, COLS) // 4
+    theta0_ref, deltas_ref = reference_solve(thetas, mus)
+    assert relative(merged(solution), theta0_ref + 0.6 * sum(deltas_ref)) < 1e-4
+
+
+def test_loose_threshold_norm_and_its_block():
+    _, thetas = family(1, 6, 0.3, seed=8)
+    x = thetas[0] - thetas[0].mean()
+    exact = float(torch.linalg.matrix_norm(x, ord=2))
+    value, block = top_singular(x.float(), rtol=1e-3)
+    assert value == pytest.approx(exact, rel=1e-3)
+    assert value == pytest.approx(spectral_norm(x.float(), rtol=1e-3))
+    # the block holds the top right singular vector
+    v1 = torch.linalg.svd(x, full_matrices=False).Vh[0]
+    assert block.shape[0] == COLS
+    assert float((block.double().T @ v1).norm()) > 0.99
+    _, tall_block = top_singular(x.T.float(), rtol=1e-3)
+    assert tall_block.shape[0] == ROWS  # right singular vectors of the tall matrix
