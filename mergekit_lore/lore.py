@@ -65,17 +65,21 @@ SolveReport = Callable[[TensorSolve], None]
 
 @dataclass(frozen=True)
 class LoreConfig:
-    """Resolved ``lore`` parameters for one tensor group (per-model lists in input order)."""
+    """Resolved ``lore`` parameters for one tensor group (per-model lists in input order).
+
+    No defaults: the method's defaults are declared once, in ``mergekit_lore.params``,
+    and ``params.lore_config`` builds this from resolved values.
+    """
 
     mu: Sequence[Optional[float]]
     mu_ratio: Sequence[float]
     weights: Sequence[float]
     densities: Sequence[float]
-    scale: float = 1.0  # the YAML ``lambda``
-    combine: Combine = "sum"
-    base_mode: BaseMode = "anchor"
-    base_weight: float = 1.0
-    solve: SolveOptions = SolveOptions()
+    scale: float  # the YAML ``lambda``
+    combine: Combine
+    base_mode: BaseMode
+    base_weight: float
+    solve: SolveOptions
 
 
 def resolve_thresholds(

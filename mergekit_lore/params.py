@@ -81,6 +81,9 @@ def _finite_non_negative(value: float) -> bool:
     return math.isfinite(value) and value >= 0
 
 
+# The solver's settings have their defaults in the core's SolveOptions; the specs take them from there.
+_SOLVE_DEFAULTS = SolveOptions()
+
 # The single declaration of lore's parameters: names, scopes, defaults, checks and
 # meanings. The README table, the benches and the CLI read them from here.
 LORE_PARAMETERS: Tuple[ParameterSpec, ...] = (
@@ -112,16 +115,16 @@ LORE_PARAMETERS: Tuple[ParameterSpec, ...] = (
         description="How the low-rank task vectors are combined: average, sum or ties.",
     ),
     ParameterSpec(
-        "solver", _choice("solver", SOLVERS), ParameterScope.SHARED, default="fista",
+        "solver", _choice("solver", SOLVERS), ParameterScope.SHARED, default=_SOLVE_DEFAULTS.solver,
         description="cd (the paper's coordinate descent) or fista (accelerated, stops at tol).",
     ),
     ParameterSpec(
         "max_iter", _number("max_iter", lambda v: v > 0, "a positive integer", integer=True),
-        ParameterScope.SHARED, default=100,
+        ParameterScope.SHARED, default=_SOLVE_DEFAULTS.max_iter,
         description="Iteration cap of the solve.",
     ),
     ParameterSpec(
-        "tol", _number("tol", lambda v: 0 < v < 1, "in (0, 1)"), ParameterScope.SHARED, default=1e-4,
+        "tol", _number("tol", lambda v: 0 < v < 1, "in (0, 1)"), ParameterScope.SHARED, default=_SOLVE_DEFAULTS.tol,
         description="Relative stopping tolerance (fista).",
     ),
     ParameterSpec(
@@ -134,7 +137,7 @@ LORE_PARAMETERS: Tuple[ParameterSpec, ...] = (
         description="Anchor strength beta of base_mode: anchor.",
     ),
     ParameterSpec(
-        "svt_backend", _choice("svt_backend", BACKENDS), ParameterScope.SHARED, default="auto",
+        "svt_backend", _choice("svt_backend", BACKENDS), ParameterScope.SHARED, default=_SOLVE_DEFAULTS.svt_backend,
         description="SVT kernel: auto, exact, gram or randomized.",
     ),
 )

@@ -60,6 +60,8 @@ FIXED_POINT_RTOL = 1e-6
 
 @dataclass(frozen=True)
 class SolveOptions:
+    """Solver settings; these defaults are also the ``lore`` parameters' (see ``params``)."""
+
     solver: Solver = "fista"
     max_iter: int = 100
     tol: float = 1e-4

@@ -20,15 +20,17 @@ from click.testing import CliRunner  # noqa: E402
 from mergekit_lore.adapters import merge_adapters  # noqa: E402
 from mergekit_lore.cli import main  # noqa: E402
 from mergekit_lore.core_space import core_space, merge_lora_module  # noqa: E402
-from mergekit_lore.lore import LoreConfig, lore_merge  # noqa: E402
+from mergekit_lore.lore import THRESHOLD_RTOL, LoreConfig, lore_merge, resolve_thresholds  # noqa: E402
 from mergekit_lore.params import LoreParameterError  # noqa: E402
+from mergekit_lore.solver import SolveOptions  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def _config(n, *, mode="anchor", mu=None, ratio=0.2, scale=0.5, combine="sum", weights=None) -> LoreConfig:
     return LoreConfig(mu=[mu] * n, mu_ratio=[ratio] * n, weights=weights or [1.0] * n,
-                      densities=[1.0] * n, scale=scale, combine=combine, base_mode=mode, base_weight=1.0)
+                      densities=[1.0] * n, scale=scale, combine=combine, base_mode=mode, base_weight=1.0,
+                      solve=SolveOptions())
 
 
 def _factors(rows, cols, ranks, seed=0, dtype=torch.float64):
@@ -67,8 +69,15 @@ def test_core_space_relative_thresholds_match_dense(has_base):
     reference = torch.zeros_like(base) if has_base else torch.stack(deltas).mean(0)
     expected_mu = [0.2 * float(torch.linalg.matrix_norm(d - reference, ord=2)) for d in deltas]
     assert merge.thresholds == pytest.approx(expected_mu, rel=1e-12)
-    expected = _dense(base, factors, config, has_base) - base
-    # the dense path estimates s_1 by subspace iteration (rtol 1e-5)
+    # The dense path estimates s_1 by subspace iteration, to THRESHOLD_RTOL.
+    thetas = [base + d for d in deltas]
+    estimated = resolve_thresholds(thetas, base if has_base else torch.stack(thetas).mean(0), [None] * 3, [0.2] * 3)
+    assert estimated == pytest.approx(expected_mu, rel=THRESHOLD_RTOL)
+    # With the same (exact) thresholds the two solves are the same problem.
+    exact = LoreConfig(mu=expected_mu, mu_ratio=config.mu_ratio, weights=config.weights, densities=config.densities,
+                       scale=config.scale, combine=config.combine, base_mode=config.base_mode, base_weight=1.0,
+                       solve=config.solve)
+    expected = _dense(base, factors, exact, has_base) - base
     torch.testing.assert_close(merge.b @ merge.a, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
 
 
@@ -222,7 +231,7 @@ def test_merged_model_and_rank_cap_cli(family, tmp_path):
                                     "--lambda", "0.7", "--mu-ratio", "0.1,0.2,0.3"])
     assert run.exit_code == 0, run.output
     config = LoreConfig(mu=[None] * 3, mu_ratio=[0.1, 0.2, 0.3], weights=[1.0] * 3, densities=[1.0] * 3,
-                        scale=0.7, base_weight=1.0)
+                        scale=0.7, combine="sum", base_mode="anchor", base_weight=1.0, solve=SolveOptions())
     expected = _expected(base, adapters, config)
     _assert_weights(_load(out).state_dict(), expected, _load(base).state_dict())
 

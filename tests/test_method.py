@@ -8,6 +8,7 @@ from mergekit.merge_methods import get, merge_tensors
 import mergekit_lore  # noqa: F401  (registers, also without the autoload hook)
 from mergekit_lore import notices
 from mergekit_lore.params import LoreParameterError
+from mergekit_lore.solver import SolveOptions
 
 
 def family(n, shape=(24, 40), rank=2, seed=0, noise=0.02):
@@ -192,7 +193,8 @@ def test_two_model_thresholds_use_the_shared_spectrum():
 
     _, models = family(2)
     seen = []
-    config = LoreConfig(mu=[None, None], mu_ratio=[0.3, 0.5], weights=[1.0, 1.0], densities=[1.0, 1.0])
+    config = LoreConfig(mu=[None, None], mu_ratio=[0.3, 0.5], weights=[1.0, 1.0], densities=[1.0, 1.0],
+                        scale=0.5, combine="sum", base_mode="anchor", base_weight=1.0, solve=SolveOptions())
     lore_merge(models, config, trim=None, sign_consensus=None, report=seen.append)
     sigma = reference.spectral_norm((models[0] - models[1]) / 2)
     assert seen[0].thresholds == pytest.approx([0.3 * sigma, 0.5 * sigma], rel=1e-4)
