@@ -150,6 +150,28 @@ def solve_lore(
     SVTs follow Cai, Candes & Shen 2010.
     """
     n = len(thetas)
+    _check_problem(n, thresholds, options, fix_base, base)
+    dtype = compute_dtype(thetas[0].dtype)
+    stats = _SvtStats(options)
+    if fix_base:
+        return _solve_fixed_base(thetas, thresholds, base, dtype, stats)
+    beta = base_weight if base is not None else 0.0
+    anchor = anchored_mean(thetas, base, beta, dtype)
+    coupling = 1.0 / (beta + n)
+    if n == 2 and beta == 0.0 and thresholds[0] == thresholds[1]:
+        # Minimum-norm point of the flat segment (see module docstring).
+        work = torch.empty_like(anchor).copy_(thetas[0]).sub_(anchor)
+        delta = stats.run(work, thresholds[0], 0)
+        deltas = [delta, delta.scaled(-1.0)]
+        return stats.solution(anchor, coupling, deltas, thresholds, 1, 0.0, True, beta)
+    if options.solver == "fista" and options.svt_backend in ("auto", "randomized"):
+        solution = _solve_matrix_free(thetas, thresholds, anchor, coupling, beta, options, warm_start)
+        if solution is not None:
+            return solution
+    return _solve_dense(thetas, thresholds, base, anchor, coupling, beta, options, stats)
+
+
+def _check_problem(n, thresholds, options, fix_base, base) -> None:
     if n == 0:
         raise ValueError("solve_lore needs at least one input")
     if len(thresholds) != n:
@@ -158,47 +180,44 @@ def solve_lore(
         raise ValueError(f"solver must be one of {SOLVERS}, got {options.solver!r}")
     if fix_base and base is None:
         raise ValueError("fix_base needs a base tensor")
-    dtype = compute_dtype(thetas[0].dtype)
-    stats = _SvtStats(options)
 
-    if fix_base:
-        anchor = base.to(dtype).clone(memory_format=torch.contiguous_format)
-        work = torch.empty_like(anchor)
-        deltas = []
-        for theta, mu in zip(thetas, thresholds):
-            work.copy_(theta).sub_(anchor)
-            deltas.append(stats.run(work, mu, len(deltas)))
-        return stats.solution(anchor, 0.0, deltas, thresholds, 1, 0.0, True, 0.0)
 
-    beta = base_weight if base is not None else 0.0
-    anchor = anchored_mean(thetas, base, beta, dtype)
-    coupling = 1.0 / (beta + n)
+def _solve_fixed_base(thetas, thresholds, base, dtype, stats: "_SvtStats") -> LoreSolution:
+    """``theta_0 = base``: one SVT of ``theta_i - base`` per model."""
+    anchor = base.to(dtype).clone(memory_format=torch.contiguous_format)
+    work = torch.empty_like(anchor)
+    deltas = []
+    for theta, mu in zip(thetas, thresholds):
+        work.copy_(theta).sub_(anchor)
+        deltas.append(stats.run(work, mu, len(deltas)))
+    return stats.solution(anchor, 0.0, deltas, thresholds, 1, 0.0, True, 0.0)
 
-    if n == 2 and beta == 0.0 and thresholds[0] == thresholds[1]:
-        # Minimum-norm point of the flat segment (see module docstring).
-        work = torch.empty_like(anchor).copy_(thetas[0]).sub_(anchor)
-        delta = stats.run(work, thresholds[0], 0)
-        deltas = [delta, delta.scaled(-1.0)]
-        return stats.solution(anchor, coupling, deltas, thresholds, 1, 0.0, True, beta)
 
-    if options.solver == "fista" and options.svt_backend in ("auto", "randomized"):
-        began = time.perf_counter()
-        fast = solve_on_subspaces(
-            thetas, thresholds, anchor, coupling, tol=options.tol, max_iter=options.max_iter,
-            seed=options.seed, warm_start=warm_start,
-        )
-        if fast is not None:
-            return LoreSolution(
-                anchor=anchor, coupling=coupling, deltas=fast.deltas,
-                thresholds=[float(t) for t in thresholds], base_weight=float(beta),
-                iterations=fast.iterations, rel_change=fast.rel_change, converged=fast.converged,
-                backends=["subspace"], svt_seconds=time.perf_counter() - began - fast.pass_seconds,
-                nuclear_norms=fast.nuclear_norms,
-            )
+def _solve_matrix_free(thetas, thresholds, anchor, coupling, beta, options, warm_start) -> Optional[LoreSolution]:
+    """The subspace fast path (``subspace.solve_on_subspaces``), or None where it falls back."""
+    began = time.perf_counter()
+    fast = solve_on_subspaces(
+        thetas, thresholds, anchor, coupling, tol=options.tol, max_iter=options.max_iter,
+        seed=options.seed, warm_start=warm_start,
+    )
+    if fast is None:
+        return None
+    return LoreSolution(
+        anchor=anchor, coupling=coupling, deltas=fast.deltas,
+        thresholds=[float(t) for t in thresholds], base_weight=float(beta),
+        iterations=fast.iterations, rel_change=fast.rel_change, converged=fast.converged,
+        backends=["subspace"], svt_seconds=time.perf_counter() - began - fast.pass_seconds,
+        nuclear_norms=fast.nuclear_norms,
+    )
+
+
+def _solve_dense(thetas, thresholds, base, anchor, coupling, beta, options, stats: "_SvtStats") -> LoreSolution:
+    """Proximal gradient with one dense residual per model and step (``cd``, or ``fista`` with restarts)."""
+    n = len(thetas)
+    dtype = anchor.dtype
     work = torch.empty_like(anchor)
     current = [LowRank.zeros(*anchor.shape, dtype=dtype, device=anchor.device)] * n
     point = current
-    start_from_base = base is not None
     momentum = 1.0
     change = math.inf
     converged = False
@@ -208,14 +227,12 @@ def solve_lore(
         new = []
         for i, (theta, mu) in enumerate(zip(thetas, thresholds)):
             work.copy_(theta)
-            if iteration == 1 and start_from_base:
+            if iteration == 1 and base is not None:
                 work.sub_(base.to(dtype))
             else:
                 work.sub_(anchor).addmm_(total.left, total.right.T)
             new.append(stats.run(work, mu, i))
-        step = math.sqrt(sum(float(lowrank_distance(a, b)) ** 2 for a, b in zip(new, current)))
-        size = math.sqrt(sum(float(lowrank_norm(a)) ** 2 for a in new))
-        change = step / size if size > 0 else (0.0 if step == 0 else math.inf)
+        change = _relative_change(new, current)
         previous, current = current, new
         if options.solver == "cd":
             point = current
@@ -226,25 +243,33 @@ def solve_lore(
         if change <= options.tol:
             converged = True
             break
-        # Restart momentum when it points against the step (O'Donoghue & Candes).
-        against = sum(
-            float(lowrank_inner(LowRank.combination([y, c], [1.0, -1.0]), LowRank.combination([c, p], [1.0, -1.0])))
-            for y, c, p in zip(point, current, previous)
-        )
-        if against > 0:
-            momentum = 1.0
-            point = current
-            continue
-        next_momentum = (1.0 + math.sqrt(1.0 + 4.0 * momentum * momentum)) / 2.0
-        beta_k = (momentum - 1.0) / next_momentum
-        momentum = next_momentum
-        point = [
-            LowRank.combination([c, p], [1.0 + beta_k, -beta_k]) if beta_k else c
-            for c, p in zip(current, previous)
-        ]
+        point, momentum = _momentum_step(point, current, previous, momentum)
     if options.solver == "cd" and not converged:
         converged = change <= options.tol
     return stats.solution(anchor, coupling, current, thresholds, iteration, change, converged, beta)
+
+
+def _relative_change(new: List[LowRank], current: List[LowRank]) -> float:
+    step = math.sqrt(sum(float(lowrank_distance(a, b)) ** 2 for a, b in zip(new, current)))
+    size = math.sqrt(sum(float(lowrank_norm(a)) ** 2 for a in new))
+    return step / size if size > 0 else (0.0 if step == 0 else math.inf)
+
+
+def _momentum_step(point, current, previous, momentum: float):
+    """Next FISTA point and momentum; restart when momentum points against the step (O'Donoghue & Candes)."""
+    against = sum(
+        float(lowrank_inner(LowRank.combination([y, c], [1.0, -1.0]), LowRank.combination([c, p], [1.0, -1.0])))
+        for y, c, p in zip(point, current, previous)
+    )
+    if against > 0:
+        return current, 1.0
+    next_momentum = (1.0 + math.sqrt(1.0 + 4.0 * momentum * momentum)) / 2.0
+    beta_k = (momentum - 1.0) / next_momentum
+    point = [
+        LowRank.combination([c, p], [1.0 + beta_k, -beta_k]) if beta_k else c
+        for c, p in zip(current, previous)
+    ]
+    return point, next_momentum
 
 
 class _SvtStats:

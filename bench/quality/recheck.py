@@ -1,0 +1,250 @@
+"""Re-run only the default ``lore`` rows of the regime benchmark with the current code and
+compare their losses with the stored ``results/regime-NAME.json`` (made with the old solver).
+
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python bench/quality/recheck.py \
+        [--regimes skills,skills-lora,heavy,replay] [--seeds 0,1] [--tol 0.002]
+
+Per regime and cached seed it rebuilds what ``regime_run.main`` builds (task data, eval sets,
+``Scorer``) with the pipeline's own functions, keeps from ``merges.regime_baselines`` only the
+``lore`` rows ("lore no base (defaults)", "lore base (defaults)") and runs them through
+``regime_run._mergekit_rows`` (mergekit ``run_merge`` in process, as the pipeline does).
+Nothing is trained: ``train.train`` is replaced by a guard, and a regime/seed whose models are
+not cached is skipped. Merge configs/outputs go to ``--scratch`` (outputs deleted after scoring),
+not into the benchmark's workdir. Writes ``results/recheck.md`` after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from bench.quality import data as qdata  # noqa: E402
+from bench.quality import merges as qmerges  # noqa: E402
+from bench.quality import regime_run  # noqa: E402
+from bench.quality import regimes as qregimes  # noqa: E402
+from bench.quality import run as qrun  # noqa: E402
+from bench.quality import train as qtrain  # noqa: E402
+
+log = qrun.log
+
+
+class NotCached(RuntimeError):
+    pass
+
+
+def _no_training(*args, **kwargs):
+    raise NotCached("a needed model is not cached (recheck never trains)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--regimes", default="skills,skills-lora,heavy,replay")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--tol", type=float, default=0.002, help="accepted |new - stored| test loss (nats)")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/mergekit-lore-quality"),
+                   help="the benchmark's cache of data and trained models (read only)")
+    p.add_argument("--scratch", type=Path, default=Path("/tmp/mergekit-lore-recheck"),
+                   help="where the merge configs and (temporarily) merged models go")
+    p.add_argument("--results", type=Path, default=HERE / "results", help="where regime-NAME.json are")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "recheck.md")
+    p.add_argument("--order", choices=("seed", "regime"), default="seed",
+                   help="seed: every regime's seed 0 first, then seed 1 (default); regime: regime by regime")
+    return p.parse_args(argv)
+
+
+def _stored(results: Path, regime: str):
+    path = results / f"regime-{regime}.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def _stored_row(stored, seed: int, name: str):
+    for s in stored["per_seed"]:
+        if s["seed"] == seed:
+            for r in s["records"]:
+                if r.get("name") == name and r.get("via") != "in-process":
+                    return r
+    return None
+
+
+def _max_split_diff(new: dict, old: dict, split: str = "test") -> float:
+    """Largest |diff| over the individual test losses (each task and each general domain)."""
+    a, b = new.get(split) or {}, old.get(split) or {}
+    keys = set(a) & set(b)
+    return max((abs(a[k] - b[k]) for k in keys), default=float("nan"))
+
+
+def _fmt(x, spec=".4f"):
+    return "-" if x is None else format(x, spec)
+
+
+def write_md(out: Path, command: str, rows, notes, base_checks, tol, began_utc, finished: bool):
+    lines = ["# Recheck of the default `lore` rows after the solver change", "",
+             "Command (from the repository root, venv `.venv`):", "", "```bash", command, "```", "",
+             f"Started {began_utc} UTC" + ("" if finished else " (partial: still running or interrupted)") + ".",
+             "Stored values: `bench/quality/results/regime-NAME.json` (old solver); new: the current code, "
+             "same cached models, same `merges.regime_baselines` configs, same `regime_run.Scorer`, "
+             "mergekit `run_merge` in process (as `regime_run._mergekit_rows`).", "",
+             f"Test loss = mean test cross-entropy over the regime's tasks (nats/token); "
+             f"max per-loss abs(diff) = largest abs(diff) over the individual test losses (each task and, for "
+             f"skills, each `general:` domain). Tolerance {tol:g} nats.", "",
+             "| regime | seed | merge | stored test | new test | diff | abs(diff) <= "
+             f"{tol:g}? | max per-loss abs(diff) | stored val | new val | stored s | new s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['regime']} | {r['seed']} | {r['merge']} | {_fmt(r['stored_test'])} | {_fmt(r['new_test'])} "
+            f"| {_fmt(r['diff'], '+.5f')} | {r['ok']} | {_fmt(r['max_diff'], '.5f')} | {_fmt(r['stored_val'])} "
+            f"| {_fmt(r['new_val'])} | {_fmt(r['stored_s'], '.1f')} | {_fmt(r['new_s'], '.1f')} |")
+    scored = [r for r in rows if r["diff"] is not None]
+    if scored:
+        worst = max(abs(r["diff"]) for r in scored)
+        lines += ["", f"{sum(r['ok'] == 'yes' for r in scored)}/{len(scored)} rows within {tol:g}; "
+                      f"largest |diff| of the mean test loss {worst:.5f}; largest per-loss |diff| "
+                      f"{max(r['max_diff'] for r in scored):.5f}."]
+    if base_checks:
+        lines += ["", "Sanity check of the set-up (the un-merged base scored now vs stored, seed-0 row):", "",
+                  "| regime | stored base test | new base test | diff |", "|---|---|---|---|"]
+        for b in base_checks:
+            lines.append(f"| {b['regime']} | {_fmt(b['stored'])} | {_fmt(b['new'])} | {_fmt(b['diff'], '+.6f')} |")
+    lines += ["", "Merge seconds: the stored ones are from the original runs (machine shared, load average "
+                  "4-8 per README), the new ones from this run; one thread each. Only indicative."]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    cli = parse_args(argv)
+    command = ("OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE PYTHONPATH=/work/main .venv/bin/python "
+               "bench/quality/recheck.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
+                                             if (argv if argv is not None else sys.argv[1:]) else ""))
+    began_utc = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    qtrain.train = _no_training  # the guard: ensure_models / ensure_finetunes must find everything cached
+    args = qrun.parse_args(["--workdir", str(cli.workdir)])  # the pipeline's defaults (preset full)
+    preset = qrun.PRESETS[args.preset]
+    rows, notes, base_checks = [], [], []
+    regimes = [r.strip() for r in cli.regimes.split(",") if r.strip()]
+    seeds = [int(s) for s in cli.seeds.split(",")]
+
+    def flush(finished=False):
+        write_md(cli.out, command, rows, notes, base_checks, cli.tol, began_utc, finished)
+
+    with qrun.thread_limits(1):
+        from transformers import PreTrainedTokenizerFast
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        args.workdir = args.workdir.resolve()
+        domains = [qdata.Domain.parse(s) for s in qdata.DEFAULT_DOMAINS]
+        shape = preset["shape"]
+        corpus = qdata.prepare(domains, args.workdir / "data", vocab_size=shape.vocab, seq_len=shape.seq_len,
+                               max_chars=preset["max_chars"], chunk_chars=preset["chunk_chars"])
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(corpus.tokenizer))
+        eos_id = tokenizer.convert_tokens_to_ids(qdata.EOS)
+        try:
+            models = qrun.ensure_models(args, preset, corpus, eos_id)
+        except NotCached as exc:
+            notes.append(f"pre-trained base not cached: {exc}; nothing rechecked")
+            flush(True)
+            return rows
+        texts = qdata.domain_texts(domains, preset["max_chars"], preset["chunk_chars"])
+        base = models["base"]
+
+        contexts = {}
+
+        def context(name):
+            """What regime_run.main builds for a regime: data, tasks, eval sets, scorer."""
+            if name not in contexts:
+                regime = qregimes.REGIMES[name]
+                limits = {"val": preset["eval_val"], "test": preset["eval_test"], "train": 0}
+                data = qregimes.task_data(regime, corpus, texts, tokenizer, shape.seq_len, limits)
+                tasks = qregimes.task_names(regime, corpus.names)
+                data["train"] = {t: data["train"][t] for t in tasks}
+                eval_sets = regime_run._eval_sets(data, corpus, preset, regime.kind == "skills")
+                scorer = regime_run.Scorer(base, eval_sets, tasks)
+                contexts[name] = (regime, data, scorer)
+                stored = _stored(cli.results, name)
+                ref = _stored_row(stored, seeds[0], "base") if stored else None
+                new = scorer.folder(base)
+                base_checks.append({"regime": name, "stored": ref["test_mean"] if ref else None,
+                                    "new": new["test_mean"],
+                                    "diff": new["test_mean"] - ref["test_mean"] if ref else None})
+                log(f"{name}: base test now {new['test_mean']:.6f}, stored "
+                    f"{ref['test_mean'] if ref else float('nan'):.6f}")
+            return contexts[name]
+
+        def lore_plan(scenario, models_, base_):
+            return [m for m in qmerges.regime_baselines(scenario, models_, base_) if m.method == "lore"]
+
+        if cli.order == "seed":
+            order = [(r, s) for s in seeds for r in regimes]
+        else:
+            order = [(r, s) for r in regimes for s in seeds]
+        for name, seed in order:
+            stored = _stored(cli.results, name)
+            if stored is None:
+                notes.append(f"{name}: no results/regime-{name}.json; skipped")
+                flush()
+                continue
+            if seed not in stored["seeds"]:
+                notes.append(f"{name} seed {seed}: not in the stored JSON; skipped")
+                flush()
+                continue
+            if not (args.workdir / "models" / name / f"seed{seed}").is_dir():
+                notes.append(f"{name} seed {seed}: models not cached under {args.workdir}/models; skipped")
+                flush()
+                continue
+            regime, data, scorer = context(name)
+            try:
+                paths, _ = qregimes.ensure_finetunes(regime, seed, base, models["pre_key"], data["train"],
+                                                     corpus.blocks["train"], corpus.tokenizer,
+                                                     args.workdir / "models", log)
+            except NotCached:
+                notes.append(f"{name} seed {seed}: a fine-tune is missing or its cache key differs; skipped")
+                flush()
+                continue
+            new_rows = regime_run._mergekit_rows(seed, paths, base, scorer, cli.scratch / name, lore_plan, log)
+            for new in new_rows:
+                old = _stored_row(stored, seed, new["name"])
+                row = {"regime": name, "seed": seed, "merge": new["name"],
+                       "stored_test": old.get("test_mean") if old else None,
+                       "new_test": new.get("test_mean"), "stored_val": old.get("val_mean") if old else None,
+                       "new_val": new.get("val_mean"), "stored_s": old.get("seconds") if old else None,
+                       "new_s": new.get("seconds"), "diff": None, "ok": "n/a", "max_diff": None}
+                if new.get("returncode") != 0:
+                    notes.append(f"{name} seed {seed} {new['name']}: merge FAILED: {new.get('error', '')[-300:]}")
+                    row["ok"] = "FAILED"
+                elif old is not None:
+                    row["diff"] = new["test_mean"] - old["test_mean"]
+                    row["ok"] = "yes" if abs(row["diff"]) <= cli.tol else "NO"
+                    row["max_diff"] = _max_split_diff(new, old)
+                rows.append(row)
+                log(f"{name} seed {seed} {new['name']}: stored {_fmt(row['stored_test'])} new "
+                    f"{_fmt(row['new_test'])} diff {_fmt(row['diff'], '+.5f')} ({row['ok']})")
+                flush()
+    flush(True)
+    print(cli.out.read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
