@@ -24,6 +24,9 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from mergekit_lore import runner  # noqa: E402
+from mergekit_lore.runner import offline_env  # noqa: E402
+
 
 def mergekit_version() -> str:
     try:
@@ -50,13 +53,12 @@ def machine_info(threads: Optional[int] = None, device: Optional[str] = None) ->
 
 def subprocess_env(threads: Optional[int]) -> Dict[str, str]:
     """Offline environment for a ``mergekit-yaml`` child, with its thread count pinned."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    if not env.get("PYTHONPATH"):  # the child imports this checkout unless told otherwise
-        env["PYTHONPATH"] = str(REPO)
+    overrides: Dict[str, str] = {}
+    if not os.environ.get("PYTHONPATH"):  # the child imports this checkout unless told otherwise
+        overrides["PYTHONPATH"] = str(REPO)
     if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-        env["MKL_NUM_THREADS"] = str(threads)
-    return env
+        overrides.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return offline_env(overrides)
 
 
 def run_mergekit_yaml(
@@ -68,13 +70,10 @@ def run_mergekit_yaml(
     timeout: Optional[float] = None,
     extra: Sequence[str] = (),
 ) -> subprocess.CompletedProcess:
-    """Run the real ``mergekit-yaml`` CLI (the one next to this interpreter if present)."""
-    executable = Path(sys.executable).with_name("mergekit-yaml")
-    command: List[str] = [str(executable) if executable.exists() else "mergekit-yaml",
-                          str(config_path), str(out), "--quiet", *extra]
+    """The real ``mergekit-yaml`` CLI (``mergekit_lore.runner``), quiet, with bench options."""
+    options: List[str] = ["--quiet", *extra]
     if cuda:
-        command.append("--cuda")
+        options.append("--cuda")
     if threads:
-        command += ["--num-threads", str(threads)]
-    return subprocess.run(command, capture_output=True, text=True, env=subprocess_env(threads),
-                          timeout=timeout)
+        options += ["--num-threads", str(threads)]
+    return runner.run_mergekit_yaml(config_path, out, *options, env=subprocess_env(threads), timeout=timeout)

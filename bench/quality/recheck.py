@@ -51,6 +51,48 @@ def _no_training(*args, **kwargs):
     raise NotCached("a needed model is not cached (recheck never trains)")
 
 
+def code_provenance():
+    """Where ``mergekit_lore`` is imported from, and which of its files differ from git HEAD
+    (read-only ``git show``; the checkout may be edited while this runs)."""
+    import subprocess
+
+    import mergekit_lore
+
+    pkg = Path(mergekit_lore.__file__).resolve().parent
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    differ = []
+    for f in sorted(pkg.glob("*.py")):
+        shown = subprocess.run(["git", "-C", str(REPO), "show", f"HEAD:mergekit_lore/{f.name}"],
+                               capture_output=True)
+        if shown.returncode != 0:
+            differ.append(f"{f.name} (not in HEAD)")
+        elif shown.stdout != f.read_bytes():
+            differ.append(f.name)
+    return {"package": str(pkg), "head": head, "differ": differ}
+
+
+SUBSPACE = {"calls": 0, "fallbacks": 0}
+
+
+def _count_subspace():
+    """Count the matrix-free fast path's solves and its fall-backs to the dense solver."""
+    from mergekit_lore import solver
+
+    inner = getattr(solver, "solve_on_subspaces", None)
+    if inner is None:
+        return False
+
+    def counted(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        SUBSPACE["calls"] += 1
+        SUBSPACE["fallbacks"] += out is None
+        return out
+
+    solver.solve_on_subspaces = counted
+    return True
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--regimes", default="skills,skills-lora,heavy,replay")
@@ -94,9 +136,13 @@ def _fmt(x, spec=".4f"):
     return "-" if x is None else format(x, spec)
 
 
-def write_md(out: Path, command: str, rows, notes, base_checks, tol, began_utc, finished: bool):
+def write_md(out: Path, command: str, rows, notes, base_checks, tol, began_utc, finished: bool, prov=None):
     lines = ["# Recheck of the default `lore` rows after the solver change", "",
-             "Command (from the repository root, venv `.venv`):", "", "```bash", command, "```", "",
+             "Command (from the repository root, venv `.venv`):", "", "```bash", command, "```", ""]
+    if prov:
+        lines += [f"Code: `mergekit_lore` from `{prov['package']}`; git HEAD {prov['head']}; files differing "
+                  f"from HEAD: {', '.join(prov['differ']) or 'none'}.", ""]
+    lines += [
              f"Started {began_utc} UTC" + ("" if finished else " (partial: still running or interrupted)") + ".",
              "Stored values: `bench/quality/results/regime-NAME.json` (old solver); new: the current code, "
              "same cached models, same `merges.regime_baselines` configs, same `regime_run.Scorer`, "
@@ -105,8 +151,8 @@ def write_md(out: Path, command: str, rows, notes, base_checks, tol, began_utc, 
              f"max per-loss abs(diff) = largest abs(diff) over the individual test losses (each task and, for "
              f"skills, each `general:` domain). Tolerance {tol:g} nats.", "",
              "| regime | seed | merge | stored test | new test | diff | abs(diff) <= "
-             f"{tol:g}? | max per-loss abs(diff) | stored val | new val | stored s | new s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{tol:g}? | max per-loss abs(diff) | stored val | new val | stored s | new s | subspace solves (fall-backs) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['regime']} | {r['seed']} | {r['merge']} | {_fmt(r['stored_test'])} | {_fmt(r['new_test'])} "
@@ -123,7 +169,9 @@ def write_md(out: Path, command: str, rows, notes, base_checks, tol, began_utc, 
                   "| regime | stored base test | new base test | diff |", "|---|---|---|---|"]
         for b in base_checks:
             lines.append(f"| {b['regime']} | {_fmt(b['stored'])} | {_fmt(b['new'])} | {_fmt(b['diff'], '+.6f')} |")
-    lines += ["", "Merge seconds: the stored ones are from the original runs (machine shared, load average "
+    lines += ["", "Subspace solves: calls of the matrix-free fast path (`solver.solve_on_subspaces`) during "
+                  "the merge, and how many of them fell back to the dense solver.",
+              "", "Merge seconds: the stored ones are from the original runs (machine shared, load average "
                   "4-8 per README), the new ones from this run; one thread each. Only indicative."]
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
@@ -141,11 +189,15 @@ def main(argv=None):
     args = qrun.parse_args(["--workdir", str(cli.workdir)])  # the pipeline's defaults (preset full)
     preset = qrun.PRESETS[args.preset]
     rows, notes, base_checks = [], [], []
+    prov = code_provenance()
+    if not _count_subspace():
+        notes.append("mergekit_lore.solver has no solve_on_subspaces: the fast path was not counted")
+    log(f"mergekit_lore from {prov['package']}; HEAD {prov['head']}; differing from HEAD: {prov['differ']}")
     regimes = [r.strip() for r in cli.regimes.split(",") if r.strip()]
     seeds = [int(s) for s in cli.seeds.split(",")]
 
     def flush(finished=False):
-        write_md(cli.out, command, rows, notes, base_checks, cli.tol, began_utc, finished)
+        write_md(cli.out, command, rows, notes, base_checks, cli.tol, began_utc, finished, prov)
 
     with qrun.thread_limits(1):
         from transformers import PreTrainedTokenizerFast
@@ -221,14 +273,33 @@ def main(argv=None):
                 notes.append(f"{name} seed {seed}: a fine-tune is missing or its cache key differs; skipped")
                 flush()
                 continue
-            new_rows = regime_run._mergekit_rows(seed, paths, base, scorer, cli.scratch / name, lore_plan, log)
-            for new in new_rows:
+            counts = []
+
+            def lore_plan_counted(scenario, models_, base_):
+                plan = lore_plan(scenario, models_, base_)
+                for merge in plan:  # snapshot the counter around each merge's run
+                    run = merge.run
+
+                    def counted_run(*a, _run=run, **k):
+                        before = dict(SUBSPACE)
+                        out = _run(*a, **k)
+                        counts.append(f"{SUBSPACE['calls'] - before['calls']} "
+                                      f"({SUBSPACE['fallbacks'] - before['fallbacks']})")
+                        return out
+
+                    merge.run = counted_run
+                return plan
+
+            new_rows = regime_run._mergekit_rows(seed, paths, base, scorer, cli.scratch / name, lore_plan_counted,
+                                                 log)
+            for new, count in zip(new_rows, counts):
                 old = _stored_row(stored, seed, new["name"])
                 row = {"regime": name, "seed": seed, "merge": new["name"],
                        "stored_test": old.get("test_mean") if old else None,
                        "new_test": new.get("test_mean"), "stored_val": old.get("val_mean") if old else None,
                        "new_val": new.get("val_mean"), "stored_s": old.get("seconds") if old else None,
-                       "new_s": new.get("seconds"), "diff": None, "ok": "n/a", "max_diff": None}
+                       "new_s": new.get("seconds"), "diff": None, "ok": "n/a", "max_diff": None,
+                       "subspace": count}
                 if new.get("returncode") != 0:
                     notes.append(f"{name} seed {seed} {new['name']}: merge FAILED: {new.get('error', '')[-300:]}")
                     row["ok"] = "FAILED"
