@@ -43,17 +43,19 @@ def _domain(folder: Path, text: str, files: int = 3, repeat: int = 12) -> str:
     return str(folder / "*.txt")
 
 
-@pytest.mark.slow
-def test_quality_pipeline_tiny(tmp_path):
+def _quality_run(tmp_path):
+    """``bench.quality.run`` and two tiny local domains (code, prose) plus the output folder."""
     sys.path.insert(0, str(REPO))
     try:
         from bench.quality import run
     finally:
         sys.path.remove(str(REPO))
+    return run, _domain(tmp_path / "code", CODE), _domain(tmp_path / "prose", PROSE), tmp_path / "results"
 
-    code = _domain(tmp_path / "code", CODE)
-    prose = _domain(tmp_path / "prose", PROSE)
-    out = tmp_path / "results"
+
+@pytest.mark.slow
+def test_quality_pipeline_tiny(tmp_path):
+    run, code, prose, out = _quality_run(tmp_path)
     result = run.main([
         "--preset", "tiny",
         "--domain", f"code={code}",
@@ -84,15 +86,7 @@ def test_quality_pipeline_tiny(tmp_path):
 def test_quality_regime_tiny(tmp_path):
     """``--regime skills`` at tiny sizes: skills behind a prefix, the check, the lore grid
     solved in-process, base recovery."""
-    sys.path.insert(0, str(REPO))
-    try:
-        from bench.quality import run
-    finally:
-        sys.path.remove(str(REPO))
-
-    code = _domain(tmp_path / "code", CODE)
-    prose = _domain(tmp_path / "prose", PROSE)
-    out = tmp_path / "results"
+    run, code, prose, out = _quality_run(tmp_path)
     result = run.main([
         "--preset", "tiny", "--regime", "skills", "--seeds", "0",
         "--domain", f"code={code}", "--domain", f"prose={prose}",
