@@ -72,7 +72,7 @@ def code_provenance():
     return {"package": str(pkg), "head": head, "differ": differ}
 
 
-SUBSPACE = {"calls": 0, "fallbacks": 0}
+SUBSPACE = {"calls": 0, "fallbacks": 0, "fallback_s": 0.0}
 
 
 def _count_subspace():
@@ -84,9 +84,12 @@ def _count_subspace():
         return False
 
     def counted(*args, **kwargs):
+        began = time.perf_counter()
         out = inner(*args, **kwargs)
         SUBSPACE["calls"] += 1
         SUBSPACE["fallbacks"] += out is None
+        if out is None:
+            SUBSPACE["fallback_s"] += time.perf_counter() - began
         return out
 
     solver.solve_on_subspaces = counted
@@ -104,6 +107,11 @@ def parse_args(argv=None):
                    help="where the merge configs and (temporarily) merged models go")
     p.add_argument("--results", type=Path, default=HERE / "results", help="where regime-NAME.json are")
     p.add_argument("--out", type=Path, default=HERE / "results" / "recheck.md")
+    p.add_argument("--also-old", metavar="REV", default="",
+                   help="also run the same merges first with mergekit_lore as of git REV (extracted with "
+                        "`git archive` to a temp dir, run in a subprocess) and add its test loss and seconds, "
+                        "measured on this machine now, to the table")
+    p.add_argument("--emit-json", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--order", choices=("seed", "regime"), default="seed",
                    help="seed: every regime's seed 0 first, then seed 1 (default); regime: regime by regime")
     return p.parse_args(argv)
@@ -136,7 +144,32 @@ def _fmt(x, spec=".4f"):
     return "-" if x is None else format(x, spec)
 
 
-def write_md(out: Path, command: str, rows, notes, base_checks, tol, began_utc, finished: bool, prov=None):
+def _run_old(cli):
+    """The same recheck with ``mergekit_lore`` from git ``cli.also_old``, in a subprocess."""
+    import subprocess
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="recheck-old-"))
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", cli.also_old, "mergekit_lore"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    out_json = tmp / "old.json"
+    env = dict(os.environ, PYTHONPATH=f"{tmp}:{REPO}")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--regimes", cli.regimes, "--seeds", cli.seeds,
+           "--workdir", str(cli.workdir), "--scratch", str(cli.scratch), "--results", str(cli.results),
+           "--order", cli.order, "--out", str(tmp / "old.md"), "--emit-json", str(out_json)]
+    log(f"old code ({cli.also_old}) from {tmp}")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not out_json.exists():
+        log("old-code run FAILED:\n" + done.stdout[-2000:] + done.stderr[-2000:])
+        return {"rev": cli.also_old, "error": (done.stdout + done.stderr)[-500:], "rows": {}}
+    data = json.loads(out_json.read_text())
+    return {"rev": cli.also_old, "prov": data["prov"],
+            "rows": {(r["regime"], r["seed"], r["merge"]): r for r in data["rows"]}}
+
+
+def write_md(out: Path, command: str, rows, notes, base_checks, tol, began_utc, finished: bool, prov=None,
+             old=None):
     lines = ["# Recheck of the default `lore` rows after the solver change", "",
              "Command (from the repository root, venv `.venv`):", "", "```bash", command, "```", ""]
     if prov:
@@ -151,26 +184,45 @@ def write_md(out: Path, command: str, rows, notes, base_checks, tol, began_utc, 
              f"max per-loss abs(diff) = largest abs(diff) over the individual test losses (each task and, for "
              f"skills, each `general:` domain). Tolerance {tol:g} nats.", "",
              "| regime | seed | merge | stored test | new test | diff | abs(diff) <= "
-             f"{tol:g}? | max per-loss abs(diff) | stored val | new val | stored s | new s | subspace solves (fall-backs) |",
+             f"{tol:g}? | max per-loss abs(diff) | stored val | new val | stored s | new s | subspace solves (fall-backs, s in them) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if old is not None:
+        lines[-2] = lines[-2] + f" old code {old['rev']} test (now) | old code s (now) |"
+        lines[-1] = lines[-1] + "---|---|"
     for r in rows:
+        extra = ""
+        if old is not None:
+            o = old["rows"].get((r["regime"], r["seed"], r["merge"]), {})
+            extra = f" {_fmt(o.get('new_test'))} | {_fmt(o.get('new_s'), '.1f')} |"
         lines.append(
             f"| {r['regime']} | {r['seed']} | {r['merge']} | {_fmt(r['stored_test'])} | {_fmt(r['new_test'])} "
             f"| {_fmt(r['diff'], '+.5f')} | {r['ok']} | {_fmt(r['max_diff'], '.5f')} | {_fmt(r['stored_val'])} "
-            f"| {_fmt(r['new_val'])} | {_fmt(r['stored_s'], '.1f')} | {_fmt(r['new_s'], '.1f')} |")
+            f"| {_fmt(r['new_val'])} | {_fmt(r['stored_s'], '.1f')} | {_fmt(r['new_s'], '.1f')} "
+            f"| {r.get('subspace', '-')} |" + extra)
     scored = [r for r in rows if r["diff"] is not None]
     if scored:
         worst = max(abs(r["diff"]) for r in scored)
         lines += ["", f"{sum(r['ok'] == 'yes' for r in scored)}/{len(scored)} rows within {tol:g}; "
                       f"largest |diff| of the mean test loss {worst:.5f}; largest per-loss |diff| "
                       f"{max(r['max_diff'] for r in scored):.5f}."]
+    if old is not None:
+        timed = [(r, old["rows"].get((r["regime"], r["seed"], r["merge"]))) for r in rows]
+        timed = [(r, o) for r, o in timed if o and o.get("new_s") and r.get("new_s")]
+        if timed:
+            lines += ["", f"Same machine, same session: old code ({old['rev']}) {sum(o['new_s'] for _, o in timed):.1f} s "
+                          f"vs current code {sum(r['new_s'] for r, _ in timed):.1f} s over these {len(timed)} merges "
+                          "(old-code run first, then the current code)."]
+        if old.get("error"):
+            lines += ["", f"Old-code run failed: `{old['error']}`"]
     if base_checks:
         lines += ["", "Sanity check of the set-up (the un-merged base scored now vs stored, seed-0 row):", "",
                   "| regime | stored base test | new base test | diff |", "|---|---|---|---|"]
         for b in base_checks:
             lines.append(f"| {b['regime']} | {_fmt(b['stored'])} | {_fmt(b['new'])} | {_fmt(b['diff'], '+.6f')} |")
     lines += ["", "Subspace solves: calls of the matrix-free fast path (`solver.solve_on_subspaces`) during "
-                  "the merge, and how many of them fell back to the dense solver.",
+                  "the merge, how many of them gave up and fell back to the dense solver (kept rank past a quarter "
+                  "of the short side, i.e. 32 for these 128-wide matrices), and the seconds spent in those "
+                  "given-up attempts (part of new s).",
               "", "Merge seconds: the stored ones are from the original runs (machine shared, load average "
                   "4-8 per README), the new ones from this run; one thread each. Only indicative."]
     if notes:
@@ -181,6 +233,7 @@ def write_md(out: Path, command: str, rows, notes, base_checks, tol, began_utc, 
 
 def main(argv=None):
     cli = parse_args(argv)
+    old_code = _run_old(cli) if cli.also_old else None
     command = ("OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE PYTHONPATH=/work/main .venv/bin/python "
                "bench/quality/recheck.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
                                              if (argv if argv is not None else sys.argv[1:]) else ""))
@@ -197,7 +250,7 @@ def main(argv=None):
     seeds = [int(s) for s in cli.seeds.split(",")]
 
     def flush(finished=False):
-        write_md(cli.out, command, rows, notes, base_checks, cli.tol, began_utc, finished, prov)
+        write_md(cli.out, command, rows, notes, base_checks, cli.tol, began_utc, finished, prov, old_code)
 
     with qrun.thread_limits(1):
         from transformers import PreTrainedTokenizerFast
@@ -284,7 +337,8 @@ def main(argv=None):
                         before = dict(SUBSPACE)
                         out = _run(*a, **k)
                         counts.append(f"{SUBSPACE['calls'] - before['calls']} "
-                                      f"({SUBSPACE['fallbacks'] - before['fallbacks']})")
+                                      f"({SUBSPACE['fallbacks'] - before['fallbacks']}, "
+                                      f"{SUBSPACE['fallback_s'] - before['fallback_s']:.1f} s)")
                         return out
 
                     merge.run = counted_run
@@ -312,6 +366,8 @@ def main(argv=None):
                     f"{_fmt(row['new_test'])} diff {_fmt(row['diff'], '+.5f')} ({row['ok']})")
                 flush()
     flush(True)
+    if cli.emit_json:
+        cli.emit_json.write_text(json.dumps({"rows": rows, "prov": prov}))
     print(cli.out.read_text())
     return rows
 
