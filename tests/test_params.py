@@ -181,3 +181,21 @@ def test_mergekit_yaml_reports_a_degenerate_merge_at_the_end(family, tmp_path):
     done = run_merge_yaml(lore_config(family.models, parameters={"mu_ratio": 1.0}), tmp_path / "out")
     assert done.ok, done.describe()
     assert "low-rank part of this merge was empty" in done.stderr
+
+
+MERGEKIT_OPTIONS = [["--device", "cpu"], ["--low-cpu-memory"], ["--lazy-unpickle"],
+                    ["--out-shard-size", "100K"], ["--no-copy-tokenizer"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", MERGEKIT_OPTIONS, ids=[" ".join(o) for o in MERGEKIT_OPTIONS])
+def test_mergekit_options_give_the_same_merge(options, family, tmp_path):
+    config = lore_config(family.models)
+    plain = run_merge_yaml(config, tmp_path / "plain")
+    done = run_merge_yaml(config, tmp_path / "with-option", *options)
+    assert plain.ok and done.ok, done.describe()
+    if options[0] == "--out-shard-size":
+        assert len(done.shards()) > 1
+    expected, merged = plain.tensors(), done.tensors()
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
