@@ -1,68 +1,24 @@
 """The matrix-free subspace fast path of ``solve_lore`` against float64 references."""
 
 import pytest
+import reference
 import torch
 
 from mergekit_lore.combine import merge_solution
-from mergekit_lore.solver import SolveOptions, lore_objective, solve_lore
+from mergekit_lore.solver import SolveOptions, solve_lore
 from mergekit_lore.svt import spectral_norm, top_singular
 
 ROWS, COLS = 160, 240
 
 
-def dense_svt(x, mu):
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    return (u * (s - mu).clamp_min(0)) @ vh
-
-
-def reference_solve(thetas, mus, base=None, beta=0.0, iters=5000):
-    """Float64 FISTA with exact SVDs and a function-value restart, written from the objective."""
-    th = [t.double() for t in thetas]
-    n = len(th)
-    beta = beta if base is not None else 0.0
-
-    def theta0_of(deltas):
-        total = sum(t - d for t, d in zip(th, deltas))
-        if beta:
-            total = total + beta * base.double()
-        return total / (n + beta)
-
-    def value(deltas):
-        return lore_objective(th, theta0_of(deltas), deltas, mus, base=base, base_weight=beta)
-
-    deltas = [torch.zeros_like(th[0]) for _ in th]
-    point, t, current = deltas, 1.0, value(deltas)
-    for _ in range(iters):
-        theta0 = theta0_of(point)
-        new = [dense_svt(x - theta0, mu) for x, mu in zip(th, mus)]
-        new_value = value(new)
-        if new_value > current and t > 1.0:
-            point, t = deltas, 1.0
-            continue
-        change = max(float((a - b).norm()) for a, b in zip(new, deltas))
-        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
-        point = [a + ((t - 1) / t_next) * (a - b) for a, b in zip(new, deltas)]
-        deltas, t, current = new, t_next, new_value
-        if change < 1e-11:
-            break
-    return theta0_of(deltas), deltas
-
-
 def family(n, rank, noise, seed, rows=ROWS, cols=COLS):
-    """Base + a rank-``rank`` update per model + dense noise (spectral gap above the bulk)."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(rows, cols, generator=g, dtype=torch.float64)
-    thetas = []
-    for _ in range(n):
-        update = torch.randn(rows, rank, generator=g, dtype=torch.float64) @ torch.randn(
-            rank, cols, generator=g, dtype=torch.float64
-        )
-        thetas.append(base + 0.3 * update + noise * torch.randn(rows, cols, generator=g, dtype=torch.float64))
-    return base, thetas
+    """Base + a rank-``rank`` update per model + dense noise (spectral gap above the bulk), float64."""
+    return reference.planted_family(n, (rows, cols), rank=rank, strength=0.3, noise=noise, seed=seed,
+                                    dtype=torch.float64)
 
 
-def thresholds_for(thetas, reference, ratio=0.2):
-    return [ratio * float(torch.linalg.matrix_norm(t - reference, ord=2)) for t in thetas]
+def thresholds_for(thetas, centre, ratio=0.2):
+    return [ratio * reference.spectral_norm(t - centre) for t in thetas]
 
 
 def merged(solution, scale=0.6):
@@ -92,8 +48,8 @@ def test_fast_path_matches_reference_and_tight_solve(case):
     n, rank, noise, with_base = case
     base, thetas = family(n, rank, noise, seed=n * 10 + rank)
     beta = 1.0 if with_base else 0.0
-    reference = base if with_base else sum(thetas) / n
-    mus = thresholds_for(thetas, reference)
+    centre = base if with_base else sum(thetas) / n
+    mus = thresholds_for(thetas, centre)
     kwargs = dict(base=base.float(), base_weight=beta) if with_base else {}
     fast = solve_lore([t.float() for t in thetas], mus, **kwargs)  # default tol 1e-4
     assert fast.backends == ["subspace"] and fast.converged
@@ -101,7 +57,7 @@ def test_fast_path_matches_reference_and_tight_solve(case):
     kwargs64 = dict(base=base, base_weight=beta) if with_base else {}
     tight = solve_lore(thetas, mus, options=SolveOptions(tol=1e-7, max_iter=500), **kwargs64)
     assert tight.backends == ["subspace"] and tight.converged
-    theta0_ref, deltas_ref = reference_solve(thetas, mus, base=base if with_base else None, beta=beta)
+    theta0_ref, deltas_ref = reference.solve(thetas, mus, base=base if with_base else None, beta=beta)
     merged_ref = theta0_ref + 0.6 * sum(deltas_ref)
     assert relative(merged(fast), merged(tight)) < 1e-3
     assert relative(merged(tight), merged_ref) < 1e-6
@@ -132,7 +88,7 @@ def test_bulk_threshold_falls_back_to_the_dense_solver_and_stays_exact():
     solution = solve_lore([t.float() for t in thetas], mus, options=SolveOptions(tol=1e-6, max_iter=2000))
     assert "subspace" not in solution.backends
     assert max(solution.ranks) > min(ROWS, COLS) // 4
-    theta0_ref, deltas_ref = reference_solve(thetas, mus)
+    theta0_ref, deltas_ref = reference.solve(thetas, mus)
     assert relative(merged(solution), theta0_ref + 0.6 * sum(deltas_ref)) < 1e-4
 
 
