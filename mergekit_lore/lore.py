@@ -33,6 +33,7 @@ from mergekit_lore.combine import (
     merge_solution,
 )
 from mergekit_lore.solver import LoreSolution, SolveOptions, anchored_mean, solve_lore
+from mergekit_lore.subspace import FIRST_SKETCH
 from mergekit_lore.svt import compute_dtype, top_singular
 
 # A threshold needs s_1 to about 1e-3 (mu moves by mu_ratio * that); the
@@ -95,7 +96,9 @@ def resolve_thresholds(
 
     ``mirrored``: ``reference`` is the mean of exactly two models, so both task
     vectors share one spectrum and it is computed once. ``seeds``: if a list,
-    receives per model the top right singular block found (or None).
+    receives per model the right singular vectors found whose singular values
+    pass the threshold (the expected kept directions; None if there are none or
+    none were computed).
     """
     if seeds is not None:
         seeds[:] = [None] * len(thetas)
@@ -116,11 +119,12 @@ def resolve_thresholds(
         if work is None:  # row-major, whatever the layout of the inputs
             work = torch.empty(reference.shape, dtype=reference.dtype, device=reference.device)
         work.copy_(theta).sub_(reference)
-        norm, block = top_singular(work, rtol=THRESHOLD_RTOL)
-        norms.append(norm)
-        if seeds is not None:
-            seeds[index] = block
-        thresholds.append(float(ratio) * norms[-1])
+        top = top_singular(work, rtol=THRESHOLD_RTOL, block=FIRST_SKETCH)
+        norms.append(top.value)
+        thresholds.append(float(ratio) * top.value)
+        if seeds is not None and top.basis is not None:
+            passing = int((top.values > thresholds[-1]).sum())
+            seeds[index] = top.basis[:, :passing] if passing else None
     return thresholds
 
 

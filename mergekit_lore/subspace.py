@@ -44,6 +44,8 @@ from mergekit_lore.svt import LowRank, lowrank_distance, lowrank_norm
 
 OVERSAMPLE = 10  # sketch columns beyond the kept rank
 HEADROOM = 5  # grow the sketch when fewer free columns are left
+FIRST_SKETCH = 2 * OVERSAMPLE  # smallest first sketch (also the threshold block, ``lore``)
+SEED_MARGIN = 16  # first sketch columns beyond the expected kept rank of a warm start
 CPU_BLOCK_ELEMENTS = 1 << 18  # 1 MiB float32 row blocks: stays in cache
 CUDA_BLOCK_ELEMENTS = 1 << 27  # on a GPU one large block (few kernel launches)
 
@@ -80,14 +82,18 @@ class ResidualProducts:
         return out
 
     def left(self, index: int, matrix: torch.Tensor) -> torch.Tensor:
-        """``D_index^T @ matrix`` (k x l), accumulated over row blocks in a fixed order."""
+        """``D_index^T @ matrix`` (k x l), accumulated over row blocks in a fixed order.
+
+        Accumulated as ``matrix^T D_index`` (l x k): BLAS is faster with the
+        row-major block on the right than with its transpose on the left.
+        """
         began = time.perf_counter()
-        out = torch.zeros(self.anchor.shape[1], matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
+        out = torch.zeros(matrix.shape[1], self.anchor.shape[1], dtype=matrix.dtype, device=matrix.device)
         for start, stop, chunk in self._blocks(index):
-            out.addmm_(chunk.T, matrix[start:stop])
+            out.addmm_(matrix[start:stop].T, chunk)
         self.passes += 1
         self.seconds += time.perf_counter() - began
-        return out
+        return out.T
 
 
 @dataclass
@@ -211,13 +217,16 @@ def solve_on_subspaces(
     anchored mean; ``coupling``: ``1 / (beta + n)``; ``tol``: relative change of the
     task vectors between outer steps at which to stop; ``max_iter``: outer steps;
     ``seed``: of the random sketch; ``warm_start``: optional right bases (k x r) per
-    model to seed it; ``max_rank``: largest per-model sketch before giving up
+    model to seed it, r being the expected kept rank (the first sketch then has
+    at least ``r + SEED_MARGIN`` columns); ``max_rank``: largest per-model sketch before giving up
     (default a quarter of the short side).
     """
     n = len(thetas)
     rows, cols = anchor.shape
     limit = max_rank if max_rank is not None else min(rows, cols) // 4
-    size = 2 * OVERSAMPLE
+    expected = max((w.shape[1] for w in (warm_start or []) if w is not None and w.shape[0] == cols), default=0)
+    size = max(FIRST_SKETCH, expected + SEED_MARGIN) if expected else FIRST_SKETCH
+    size = min(size, max(limit, FIRST_SKETCH))
     if size > limit or n * size > min(rows, cols):
         return None
     generator = torch.Generator(device=anchor.device)

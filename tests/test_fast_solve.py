@@ -96,12 +96,12 @@ def test_loose_threshold_norm_and_its_block():
     _, thetas = family(1, 6, 0.3, seed=8)
     x = thetas[0] - thetas[0].mean()
     exact = float(torch.linalg.matrix_norm(x, ord=2))
-    value, block = top_singular(x.float(), rtol=1e-3)
+    value, block, _ = top_singular(x.float(), rtol=1e-3)
     assert value == pytest.approx(exact, rel=1e-3)
     assert value == pytest.approx(spectral_norm(x.float(), rtol=1e-3))
     # the block holds the top right singular vector
     v1 = torch.linalg.svd(x, full_matrices=False).Vh[0]
     assert block.shape[0] == COLS
     assert float((block.double().T @ v1).norm()) > 0.99
-    _, tall_block = top_singular(x.T.float(), rtol=1e-3)
+    _, tall_block, _ = top_singular(x.T.float(), rtol=1e-3)
     assert tall_block.shape[0] == ROWS  # right singular vectors of the tall matrix
