@@ -226,9 +226,8 @@ def solve_on_subspaces(
     limit = max_rank if max_rank is not None else min(rows, cols) // 4
     expected = max((w.shape[1] for w in (warm_start or []) if w is not None and w.shape[0] == cols), default=0)
     size = max(FIRST_SKETCH, expected + SEED_MARGIN) if expected else FIRST_SKETCH
-    size = min(size, max(limit, FIRST_SKETCH))
     if size > limit or n * size > min(rows, cols):
-        return None
+        return None  # the spectrum is not low rank enough for sketches to pay off
     generator = torch.Generator(device=anchor.device)
     generator.manual_seed(seed)
     products = ResidualProducts(thetas, anchor)

@@ -12,9 +12,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One thread unless asked otherwise: the tests' matrices are small, and with two
-# threads their float64 reference SVDs ran 10x slower on the 2-core CI machine.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import copy  # noqa: E402
 import json  # noqa: E402
@@ -26,8 +23,6 @@ from typing import Dict, List, Optional, Sequence, Union  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 import yaml  # noqa: E402
 
 from mergekit_lore.demo import build_family, lore_config  # noqa: E402,F401  (lore_config: for the tests)

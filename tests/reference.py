@@ -11,9 +11,22 @@ Nothing here imports ``mergekit_lore``: the package is checked against these.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import contextlib
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run LAPACK single-threaded: the reference's many small float64 SVDs ran 10x
+    slower with two threads on a 2-core machine (results are the same)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def singular_values(x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +93,11 @@ def solve(
     function-value restart (a plain step is monotone), run until the iterates stop moving
     (1e-12).
     """
+    with one_thread():
+        return _solve(thetas, mus, base, beta, iters)
+
+
+def _solve(thetas, mus, base, beta, iters):
     th = [t.double() for t in thetas]
     beta = beta if base is not None else 0.0
 
