@@ -70,6 +70,19 @@ from mergekit_lore.demo import (  # noqa: E402
 
 DEFAULT_WORKDIR = REPO / "bench" / "results-local" / "e2e"
 
+# Named input families (``--family``): the planted update's rank, its strength and the
+# dense noise (both relative to each weight's RMS, i.e. a fraction of its Frobenius
+# norm), the shared fraction of the update (task-vector cosine) and the storage dtype.
+FAMILIES: Dict[str, Dict[str, object]] = {
+    "A": dict(ft_rank=8, ft_strength=0.5, ft_noise=0.02, ft_shared=0.0, dtype="float32", intermediate=2752),
+    "B": dict(ft_rank=16, ft_strength=0.05, ft_noise=0.002, ft_shared=0.0, dtype="bfloat16", intermediate=2816),
+    "C": dict(ft_rank=64, ft_strength=0.10, ft_noise=0.001, ft_shared=0.0, dtype="float32", intermediate=2816),
+    "D": dict(ft_rank=8, ft_strength=0.01, ft_noise=0.001, ft_shared=0.0, dtype="bfloat16", intermediate=2816),
+    "E": dict(ft_rank=32, ft_strength=0.03, ft_noise=0.005, ft_shared=0.0, dtype="float32", intermediate=2816),
+    "F": dict(ft_rank=16, ft_strength=0.10, ft_noise=0.02, ft_shared=0.0, dtype="bfloat16", intermediate=2816),
+    "G": dict(ft_rank=16, ft_strength=0.05, ft_noise=0.002, ft_shared=0.55, dtype="bfloat16", intermediate=2816),
+}
+
 
 @dataclass
 class Config:
@@ -114,16 +127,23 @@ def family_params(args: argparse.Namespace, count: int) -> Dict[str, object]:
     return dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
                 heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab, count=count,
                 dtype=args.dtype, rank=args.ft_rank, strength=args.ft_strength,
-                noise=args.ft_noise, seed=args.seed)
+                noise=args.ft_noise, shared=args.ft_shared, seed=args.seed)
 
 
 def ensure_family(args: argparse.Namespace, count: int, log) -> Dict[str, object]:
+    if args.model_dirs:  # existing checkpoints: BASE,MODEL,MODEL,...
+        paths = [Path(p).resolve() for p in args.model_dirs.split(",")]
+        if len(paths) < count + 1:
+            raise SystemExit(f"--model-dirs needs a base and {count} models, got {len(paths)} paths")
+        log(f"using existing models: base {paths[0]}, {len(paths) - 1} fine-tunes")
+        return {"base": paths[0], "models": paths[1:]}
     root = Path(args.workdir) / "models"
     marker = root / "family.json"
     wanted = family_params(args, count)
     if marker.exists() and not args.rebuild:
         stored = json.loads(marker.read_text())
-        if stored.get("params") == wanted:
+        have = dict(stored.get("params", {}))
+        if have.pop("count", -1) >= count and have == {k: v for k, v in wanted.items() if k != "count"}:
             log(f"reusing models in {root}")
             return {"base": Path(stored["base"]), "models": [Path(p) for p in stored["models"]]}
     if root.exists():
@@ -133,12 +153,32 @@ def ensure_family(args: argparse.Namespace, count: int, log) -> Dict[str, object
                            heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab)
     began = time.perf_counter()
     family = build_family(root, count, shape=shape, seed=args.seed, rank=args.ft_rank,
-                          strength=args.ft_strength, noise=args.ft_noise,
+                          strength=args.ft_strength, noise=args.ft_noise, shared=args.ft_shared,
                           dtype=getattr(torch, args.dtype))
     log(f"built base + {count} variants in {time.perf_counter() - began:.0f} s")
     marker.write_text(json.dumps({"params": wanted, "base": str(family["base"]),
                                   "models": [str(p) for p in family["models"]]}, indent=2))
     return family
+
+
+def describe_models(args: argparse.Namespace, family: Dict[str, object]) -> List[str]:
+    """The header lines naming the models merged."""
+    size = model_size(family["base"]) / 1e9
+    if args.model_dirs:
+        config = json.loads((Path(family["base"]) / "config.json").read_text())
+        return [f"- models: existing checkpoints, base `{family['base']}`, fine-tunes "
+                + ", ".join(f"`{p}`" for p in family["models"])
+                + f"; {config.get('model_type')}, hidden {config.get('hidden_size')}, intermediate "
+                f"{config.get('intermediate_size')}, {config.get('num_hidden_layers')} layers, vocab "
+                f"{config.get('vocab_size')}; {size:.3f} GB per model"]
+    return [
+        f"- model: Llama, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+        f"{args.heads} heads ({args.kv_heads} kv), vocab {args.vocab}, untied embeddings: "
+        f"{param_count(args) / 1e6:.0f}M parameters, {size:.2f} GB per model ({args.dtype})",
+        f"- inputs" + (f" (family {args.family})" if args.family else "") + f": base + low-rank (rank "
+        f"{args.ft_rank}, strength {args.ft_strength}, shared fraction {args.ft_shared}) + dense noise "
+        f"({args.ft_noise}) per variant (`mergekit_lore.demo.fine_tune_like`)",
+    ]
 
 
 def model_size(path: Path) -> int:
@@ -390,6 +430,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--ft-rank", type=int, default=8, help="rank of the planted fine-tune update")
     parser.add_argument("--ft-strength", type=float, default=0.5)
     parser.add_argument("--ft-noise", type=float, default=0.02)
+    parser.add_argument("--ft-shared", type=float, default=0.0,
+                        help="fraction of each update shared by all variants (task-vector cosine)")
+    parser.add_argument("--model-dirs", default=None,
+                        help="comma list BASE,MODEL,... of existing checkpoints to merge instead of building a "
+                             "synthetic family (e.g. the quality benchmark's fine-tunes)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default=None,
+                        help="a named input family (FAMILIES): sets --ft-*, --dtype and --intermediate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
     parser.add_argument("--rebuild", action="store_true", help="rebuild the models even if cached")
@@ -400,6 +447,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--profile", default=None, help="directory for cProfile output of in-process lore runs")
     parser.add_argument("--out", default=None, help="also write the markdown report here")
     args = parser.parse_args(argv)
+    for key, value in FAMILIES.get(args.family, {}).items():
+        setattr(args, key, value)
     if args.kv_heads is None:
         args.kv_heads = args.heads
     if args.threads:
@@ -418,11 +467,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "# End-to-end merge benchmark (mergekit-yaml wall time)",
         "",
         machine_info(args),
-        f"- model: Llama, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
-        f"{args.heads} heads ({args.kv_heads} kv), vocab {args.vocab}, untied embeddings: "
-        f"{param_count(args) / 1e6:.0f}M parameters, {model_size(family['base']) / 1e9:.2f} GB per model ({args.dtype})",
-        f"- inputs: base + low-rank (rank {args.ft_rank}, strength {args.ft_strength}) + dense noise "
-        f"({args.ft_noise}) per variant (`mergekit_lore.demo.fine_tune_like`)",
+        *describe_models(args, family),
         f"- merge dtype {args.dtype}; mergekit-yaml --quiet" + (" --cuda" if args.cuda else "")
         + (f" --num-threads {args.threads}" if args.threads else "")
         + f"; {args.runs} runs per config, interleaved; median reported",

@@ -88,21 +88,29 @@ def fine_tune_like(
     rank: int = 4,
     strength: float = 0.5,
     noise: float = 0.02,
+    shared: float = 0.0,
+    shared_seed: int = 999,
 ) -> Dict[str, torch.Tensor]:
     """``base`` plus a planted rank-``rank`` update per matrix and small dense noise.
 
-    ``strength`` and ``noise`` are relative to each weight's RMS value.
+    ``strength`` and ``noise`` are relative to each weight's RMS value. ``shared``
+    (0 to 1) is the fraction of the update's energy in a direction common to every
+    variant built with the same ``shared_seed`` (their task vectors then have
+    cosine about ``shared``).
     """
     generator = torch.Generator().manual_seed(seed)
+    common = torch.Generator().manual_seed(shared_seed)
     out = {}
     for name, weight in base.items():
         scale = float(weight.float().pow(2).mean().sqrt()) or 1.0
         if weight.ndim == 2:
             rows, cols = weight.shape
-            left = torch.randn(rows, rank, generator=generator)
-            right = torch.randn(rank, cols, generator=generator)
-            update = left @ right / (rank**0.5)
-            update *= strength * scale
+            own = torch.randn(rows, rank, generator=generator) @ torch.randn(rank, cols, generator=generator)
+            update = own * (1.0 - shared) ** 0.5
+            if shared:
+                joint = torch.randn(rows, rank, generator=common) @ torch.randn(rank, cols, generator=common)
+                update += joint * shared**0.5
+            update *= strength * scale / (rank**0.5)
         else:
             update = torch.randn(weight.shape, generator=generator) * (strength * scale * 0.1)
         update += torch.randn(weight.shape, generator=generator) * (noise * scale)
@@ -138,8 +146,9 @@ def build_family(
     strength: float = 0.5,
     noise: float = 0.02,
     dtype: torch.dtype = torch.float32,
+    shared: float = 0.0,
 ) -> Dict[str, object]:
-    """A base model and ``count`` fine-tune-like variants under ``root``.
+    """A base model and ``count`` fine-tune-like variants under ``root`` (``fine_tune_like``).
 
     Returns ``{"base": Path, "models": [Path, ...]}`` with absolute paths.
     """
@@ -149,7 +158,8 @@ def build_family(
     models = [
         save_model(
             root / f"model_{index}",
-            fine_tune_like(base_state, seed + 1000 + index, rank=rank, strength=strength, noise=noise),
+            fine_tune_like(base_state, seed + 1000 + index, rank=rank, strength=strength, noise=noise,
+                           shared=shared, shared_seed=seed + 999),
             shape,
             dtype,
         )

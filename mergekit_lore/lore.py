@@ -48,16 +48,23 @@ class TensorSolve:
     """What the solve produced for one matrix (or one 0-D/1-D weight), for reports and export.
 
     ``deltas`` are ``LowRank`` factors for matrices and dense tensors for 0-D/1-D
-    weights; ``solution`` is None for the latter. ``theta0`` is dense.
+    weights; ``solution`` is None for the latter. ``theta0`` is dense, formed on
+    first use (a report that does not read it costs no dense pass).
     """
 
     label: str
     thetas: Sequence[torch.Tensor]
-    theta0: torch.Tensor
     deltas: List[object]
     thresholds: List[float]
     solution: Optional[LoreSolution]
     seconds: float
+    dense_theta0: Optional[torch.Tensor] = None
+
+    @property
+    def theta0(self) -> torch.Tensor:
+        if self.dense_theta0 is None:
+            self.dense_theta0 = self.solution.theta0()
+        return self.dense_theta0
 
 
 # Called once per solved matrix and per 0-D/1-D weight.
@@ -156,7 +163,7 @@ def lore_merge(
         theta0 = base.to(dtype) if pinned else anchored_mean(thetas, None, 0.0, dtype)
         deltas = [t.to(dtype) - theta0 for t in thetas]
         if report is not None:
-            report(TensorSolve(label, thetas, theta0, list(deltas), [0.0] * len(thetas), None, 0.0))
+            report(TensorSolve(label, thetas, list(deltas), [0.0] * len(thetas), None, 0.0, theta0))
         return merge_dense(theta0, deltas, **combine_args)
     if thetas[0].ndim == 2:
         return _merge_matrix(thetas, base, config, combine_args, report, label, dtype)
@@ -207,7 +214,6 @@ def _merge_matrix(
             TensorSolve(
                 label,
                 thetas,
-                solution.theta0(),
                 list(solution.deltas),
                 thresholds,
                 solution,

@@ -95,7 +95,9 @@ class LoreMerge(GroupMergeMethod):
 
 def _check_finite(group: TensorGroup, name: str) -> None:
     for entry in group.entries:
-        if not torch.isfinite(entry.tensor).all():
+        # A sum is finite when every element is (bar overflow, which the exact
+        # check below then clears); it costs a fraction of isfinite's pass.
+        if not bool(torch.isfinite(entry.tensor.sum())) and not torch.isfinite(entry.tensor).all():
             role = "base model" if entry.is_base else "model"
             raise ValueError(
                 f"lore: tensor '{name}' of {role} '{entry.id}' contains NaN or Inf; "

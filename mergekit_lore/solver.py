@@ -117,10 +117,24 @@ def anchored_mean(
     # same way for a transposed view as for its contiguous copy.
     total = torch.zeros(thetas[0].shape, dtype=dtype, device=thetas[0].device)
     for theta in thetas:
-        total.add_(theta.to(dtype))
+        accumulate(total, theta)
     if beta:
-        total.add_(base.to(dtype), alpha=beta)
+        accumulate(total, base, beta)
     return total.div_(beta + len(thetas))
+
+
+def accumulate(total: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> None:
+    """``total += alpha * x`` converting ``x`` to ``total``'s dtype in row blocks.
+
+    ``total.add_(x.to(dtype))`` allocates a full-size temporary per input; on CPU
+    its first touch (page faults) made the anchored mean of bf16 inputs 6x slower.
+    """
+    if x.dtype == total.dtype or total.ndim < 2:
+        total.add_(x.to(total.dtype), alpha=alpha)
+        return
+    rows = max(1, (1 << 18) // max(total[0].numel(), 1))
+    for start in range(0, total.shape[0], rows):
+        total[start:start + rows].add_(x[start:start + rows].to(total.dtype), alpha=alpha)
 
 
 def solve_lore(

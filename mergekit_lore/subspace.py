@@ -45,7 +45,7 @@ from mergekit_lore.svt import LowRank, lowrank_distance, lowrank_norm
 OVERSAMPLE = 10  # sketch columns beyond the kept rank
 HEADROOM = 5  # grow the sketch when fewer free columns are left
 FIRST_SKETCH = 2 * OVERSAMPLE  # smallest first sketch (also the threshold block, ``lore``)
-SEED_MARGIN = 16  # first sketch columns beyond the expected kept rank of a warm start
+SEED_MARGIN = 6  # first sketch columns beyond the expected kept rank of a warm start
 CPU_BLOCK_ELEMENTS = 1 << 18  # 1 MiB float32 row blocks: stays in cache
 CUDA_BLOCK_ELEMENTS = 1 << 27  # on a GPU one large block (few kernel launches)
 
@@ -168,31 +168,34 @@ class _Bases:
 
 
 def _outer_step(products, bases: _Bases, coupling: float):
-    """One subspace iteration per model on ``X_i = D_i + c S``, then shared bases and ``U^T D_i W``."""
+    """One subspace iteration per model on ``X_i = D_i + c S``, then shared bases and ``U^T D_i W``.
+
+    ``S = U_old Z_sum W_old^T`` enters through its factors only; ``U^T Q_i`` is read
+    off the QR of the stacked sketches and ``U_old^T U`` is formed once for all models.
+    """
     n, dtype = len(bases.V), bases.V[0].dtype
-    left = right = None
-    if bases.Z is not None:  # S = U (sum_i Z_i) W^T
-        left = bases.U @ bases.Z.sum(dim=0).to(dtype)
-        right = bases.W
+    core = None if bases.Z is None else bases.Z.sum(dim=0).to(dtype)  # S = U_old core W_old^T
     sketches = []
     for i in range(n):
         y = products.right(i, bases.V[i])
-        if left is not None:
-            y.addmm_(left, right.T @ bases.V[i], alpha=coupling)
+        if core is not None:
+            y.addmm_(bases.U, core @ (bases.W.T @ bases.V[i]), alpha=coupling)
         sketches.append(_orth(y))
-    U = _orth(torch.cat(sketches, dim=1))
+    U, stacked = torch.linalg.qr(torch.cat(sketches, dim=1), mode="reduced")  # Q_i = U stacked[:, cols_i]
+    overlap = None if core is None else bases.U.T @ U  # U_old^T U
+    correction = None if core is None else bases.W @ (core.T @ overlap)  # S^T U
     dense_parts, V = [], []
+    width = sketches[0].shape[1]
     for i in range(n):
         h = products.left(i, U)  # D_i^T U
-        xt = h if left is None else torch.addmm(h, right, left.T @ U, alpha=coupling)  # X_i^T U
-        V.append(_orth(xt @ (U.T @ sketches[i])))  # orth(X_i^T Q_i)
+        xt = h if correction is None else torch.add(h, correction, alpha=coupling)  # X_i^T U
+        V.append(_orth(xt @ stacked[:, i * width:(i + 1) * width]))  # orth(X_i^T Q_i)
         dense_parts.append(h)
     W = _orth(torch.cat(V, dim=1))
     G = torch.stack([(h.T @ W) for h in dense_parts]).double()
     if bases.Z is not None:  # carry the previous solution into the new bases
-        into_u = (U.T @ bases.U).double()
         into_w = (bases.W.T @ W).double()
-        bases.Z = into_u @ bases.Z @ into_w
+        bases.Z = overlap.T.double() @ bases.Z @ into_w
     else:
         bases.Z = torch.zeros(n, U.shape[1], W.shape[1], dtype=torch.float64, device=U.device)
     bases.U, bases.W, bases.V = U, W, V

@@ -111,8 +111,11 @@ def test_permuting_inputs_does_not_change_the_output():
     for order in itertools.permutations(range(3)):
         solution = solve_lore([thetas[i].float() for i in order], mus, options=SolveOptions(**TIGHT))
         outputs.append(linear_merge(solution, 3, scale=0.8))
+    # Each run stops within 1e-5 of the minimiser (the accuracy the reference tests
+    # require at these settings), so two orders differ by at most twice that: the
+    # dense float32 path lands 1.7e-6 apart with two threads, 1.04e-5 with one.
     for out in outputs[1:]:
-        assert float((out - outputs[0]).norm() / outputs[0].norm()) < 1e-5
+        assert float((out - outputs[0]).norm() / outputs[0].norm()) < 2e-5
 
 
 # --- Soft base anchor and per-model thresholds -------------------------------------
