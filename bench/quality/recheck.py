@@ -96,6 +96,75 @@ def _count_subspace():
     return True
 
 
+SOLVES = []  # one entry per solve_lore call (one per weight matrix)
+
+
+def _count_solves():
+    """Record each ``solve_lore`` result: outer iterations, path, kept ranks, convergence, seconds.
+
+    path: ``subspace`` (the matrix-free fast path's solution), ``fallback`` (``solve_on_subspaces`` was
+    called and returned None, so the dense solver ran), ``dense`` (the fast path was not called: closed
+    form, fixed base, ``cd``). ``solve_lore`` is imported by name into ``lore`` and ``core_space``, so
+    those references are replaced too.
+    """
+    import importlib
+
+    from mergekit_lore import solver
+
+    inner = getattr(solver, "solve_lore", None)
+    if inner is None:
+        return False
+
+    def counted(*args, **kwargs):
+        calls = SUBSPACE["calls"]
+        began = time.perf_counter()
+        out = inner(*args, **kwargs)
+        seconds = time.perf_counter() - began
+        backends = list(getattr(out, "backends", []) or [])
+        if backends == ["subspace"]:
+            path = "subspace"
+        elif SUBSPACE["calls"] > calls:
+            path = "fallback"
+        else:
+            path = "dense"
+        ranks = [d.rank for d in out.deltas]
+        SOLVES.append({"iterations": int(out.iterations), "path": path, "rank_max": max(ranks, default=0),
+                       "converged": bool(out.converged), "seconds": seconds})
+        return out
+
+    solver.solve_lore = counted
+    for name in ("mergekit_lore.lore", "mergekit_lore.core_space"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(module, "solve_lore", None) is inner:
+            module.solve_lore = counted
+    return True
+
+
+def _solve_stats(solves):
+    """Per-merge summary of the ``SOLVES`` entries of its matrices."""
+    if not solves:
+        return {}
+    iters = [s["iterations"] for s in solves]
+    return {"matrices": len(solves), "iters_mean": sum(iters) / len(iters), "iters_max": max(iters),
+            "n_subspace": sum(s["path"] == "subspace" for s in solves),
+            "n_fallback": sum(s["path"] == "fallback" for s in solves),
+            "n_dense": sum(s["path"] == "dense" for s in solves),
+            "rank_max": max(s["rank_max"] for s in solves),
+            "unconverged": sum(not s["converged"] for s in solves),
+            "solve_s": sum(s["seconds"] for s in solves)}
+
+
+def _fmt_solves(st):
+    if not st:
+        return "- | - | - | - | -"
+    paths = f"{st['n_subspace']} / {st['n_fallback']}" + (f" (+{st['n_dense']} dense)" if st["n_dense"] else "")
+    return (f"{st['iters_mean']:.1f} / {st['iters_max']} | {paths} | {st['rank_max']} | {st['unconverged']} "
+            f"| {st['solve_s']:.1f}")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--regimes", default="skills,skills-lora,heavy,replay")
@@ -168,10 +237,20 @@ def _run_old(cli):
             "rows": {(r["regime"], r["seed"], r["merge"]): r for r in data["rows"]}}
 
 
+def _vs_old(row, old_row):
+    """(new - old code mean test loss, max per-loss |new - old code|) of one merge; Nones if either is missing."""
+    if row.get("new_test") is None or not old_row or old_row.get("new_test") is None:
+        return None, None
+    per_loss = None
+    if row.get("test") and old_row.get("test"):
+        per_loss = _max_split_diff({"test": row["test"]}, {"test": old_row["test"]})
+    return row["new_test"] - old_row["new_test"], per_loss
+
+
 def write_md(out: Path, command: str, rows, notes, base_checks, tol, began_utc, finished: bool, prov=None,
              old=None):
     lines = ["# Recheck of the default `lore` rows after the solver change", "",
-             "Command (from the repository root, venv `.venv`):", "", "```bash", command, "```", ""]
+             "Command (from the repository root):", "", "```bash", command, "```", ""]
     if prov:
         lines += [f"Code: `mergekit_lore` from `{prov['package']}`; git HEAD {prov['head']}; files differing "
                   f"from HEAD: {', '.join(prov['differ']) or 'none'}.", ""]
@@ -184,21 +263,27 @@ def write_md(out: Path, command: str, rows, notes, base_checks, tol, began_utc, 
              f"max per-loss abs(diff) = largest abs(diff) over the individual test losses (each task and, for "
              f"skills, each `general:` domain). Tolerance {tol:g} nats.", "",
              "| regime | seed | merge | stored test | new test | diff | abs(diff) <= "
-             f"{tol:g}? | max per-loss abs(diff) | stored val | new val | stored s | new s | subspace solves (fall-backs, s in them) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{tol:g}? | max per-loss abs(diff) | stored val | new val | stored s | new s | subspace solves (fall-backs, s in them) "
+             "| iters mean / max | subspace / fallback | max kept rank | unconverged | solve_lore s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     if old is not None:
-        lines[-2] = lines[-2] + f" old code {old['rev']} test (now) | old code s (now) |"
-        lines[-1] = lines[-1] + "---|---|"
+        lines[-2] = lines[-2] + (f" old code {old['rev']} test (now) | new - old code | max per-loss abs(new - old "
+                                 "code) | old code s (now) | old iters mean / max "
+                                 "| old subspace / fallback | old max kept rank | old unconverged | old solve_lore s |")
+        lines[-1] = lines[-1] + "---|---|---|---|---|---|---|---|---|"
     for r in rows:
         extra = ""
         if old is not None:
             o = old["rows"].get((r["regime"], r["seed"], r["merge"]), {})
-            extra = f" {_fmt(o.get('new_test'))} | {_fmt(o.get('new_s'), '.1f')} |"
+            vs_old = _vs_old(r, o)
+            extra = (f" {_fmt(o.get('new_test'))} | {_fmt(vs_old[0], '+.5f')} | {_fmt(vs_old[1], '.5f')} "
+                     f"| {_fmt(o.get('new_s'), '.1f')} | "
+                     f"{_fmt_solves(o.get('solves'))} |")
         lines.append(
             f"| {r['regime']} | {r['seed']} | {r['merge']} | {_fmt(r['stored_test'])} | {_fmt(r['new_test'])} "
             f"| {_fmt(r['diff'], '+.5f')} | {r['ok']} | {_fmt(r['max_diff'], '.5f')} | {_fmt(r['stored_val'])} "
             f"| {_fmt(r['new_val'])} | {_fmt(r['stored_s'], '.1f')} | {_fmt(r['new_s'], '.1f')} "
-            f"| {r.get('subspace', '-')} |" + extra)
+            f"| {r.get('subspace', '-')} | {_fmt_solves(r.get('solves'))} |" + extra)
     scored = [r for r in rows if r["diff"] is not None]
     if scored:
         worst = max(abs(r["diff"]) for r in scored)
@@ -208,10 +293,20 @@ def write_md(out: Path, command: str, rows, notes, base_checks, tol, began_utc, 
     if old is not None:
         timed = [(r, old["rows"].get((r["regime"], r["seed"], r["merge"]))) for r in rows]
         timed = [(r, o) for r, o in timed if o and o.get("new_s") and r.get("new_s")]
+        compared = [_vs_old(r, old["rows"].get((r["regime"], r["seed"], r["merge"]), {})) for r in rows]
+        compared = [c for c in compared if c[0] is not None]
+        if compared:
+            lines += ["", f"Current vs old code ({old['rev']}) on the same models now: "
+                          f"{sum(abs(d) <= tol for d, _ in compared)}/{len(compared)} rows within {tol:g}; largest "
+                          f"|diff| of the mean test loss {max(abs(d) for d, _ in compared):.5f}; largest per-loss "
+                          f"|diff| {max((m for _, m in compared if m is not None), default=float('nan')):.5f}."]
         if timed:
             lines += ["", f"Same machine, same session: old code ({old['rev']}) {sum(o['new_s'] for _, o in timed):.1f} s "
                           f"vs current code {sum(r['new_s'] for r, _ in timed):.1f} s over these {len(timed)} merges "
                           "(old-code run first, then the current code)."]
+            solve_new = sum((r.get("solves") or {}).get("solve_s", 0.0) for r, _ in timed)
+            solve_old = sum((o.get("solves") or {}).get("solve_s", 0.0) for _, o in timed)
+            lines += ["", f"Of which in `solve_lore`: old code {solve_old:.1f} s vs current code {solve_new:.1f} s."]
         if old.get("error"):
             lines += ["", f"Old-code run failed: `{old['error']}`"]
     if base_checks:
@@ -219,10 +314,25 @@ def write_md(out: Path, command: str, rows, notes, base_checks, tol, began_utc, 
                   "| regime | stored base test | new base test | diff |", "|---|---|---|---|"]
         for b in base_checks:
             lines.append(f"| {b['regime']} | {_fmt(b['stored'])} | {_fmt(b['new'])} | {_fmt(b['diff'], '+.6f')} |")
+        off = [b["regime"] for b in base_checks if b["diff"] is not None and abs(b["diff"]) > tol]
+        if off:
+            lines += ["", f"**The base scores differently from the stored one by more than {tol:g} in "
+                          f"{', '.join(off)}: the cached models are not the ones the stored JSONs were made with, "
+                          "so the stored-vs-new columns compare different models; "
+                          + ("compare the current code with the old-code columns instead.**" if old is not None
+                             else "rerun with --also-old REV to compare two codes on the same models.**")]
     lines += ["", "Subspace solves: calls of the matrix-free fast path (`solver.solve_on_subspaces`) during "
-                  "the merge, how many of them gave up and fell back to the dense solver (kept rank past a quarter "
-                  "of the short side, i.e. 32 for these 128-wide matrices), and the seconds spent in those "
+                  "the merge, how many of them returned None, so the dense solver ran (kept rank past a quarter "
+                  "of the short side, i.e. 32 for these 128-wide matrices; since 2243569 also before any "
+                  "iteration, when the first sketch, sized from the threshold block's expected kept rank + 16, "
+                  "would already be past that limit), and the seconds spent in those "
                   "given-up attempts (part of new s).",
+              "", "Solver columns (one `solve_lore` call per weight matrix, recorded by wrapping it): outer "
+                  "iterations per matrix (`LoreSolution.iterations`, mean / max over the merge's matrices); how "
+                  "many matrices the matrix-free path solved (`backends == ['subspace']`) / how many fell back to "
+                  "the dense solver after `solve_on_subspaces` returned None (\"dense\": the fast path was not "
+                  "called at all); the largest kept rank (`LoreSolution.ranks`) over matrices and models; matrices "
+                  "with `converged` False; seconds inside `solve_lore` summed over the merge (part of new s).",
               "", "Merge seconds: the stored ones are from the original runs (machine shared, load average "
                   "4-8 per README), the new ones from this run; one thread each. Only indicative."]
     if notes:
@@ -234,8 +344,8 @@ def write_md(out: Path, command: str, rows, notes, base_checks, tol, began_utc, 
 def main(argv=None):
     cli = parse_args(argv)
     old_code = _run_old(cli) if cli.also_old else None
-    command = ("OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE PYTHONPATH=/work/main .venv/bin/python "
-               "bench/quality/recheck.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = (f"OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE PYTHONPATH={os.environ.get('PYTHONPATH', '')} "
+               f"{sys.executable} bench/quality/recheck.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
                                              if (argv if argv is not None else sys.argv[1:]) else ""))
     began_utc = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     qtrain.train = _no_training  # the guard: ensure_models / ensure_finetunes must find everything cached
@@ -245,6 +355,8 @@ def main(argv=None):
     prov = code_provenance()
     if not _count_subspace():
         notes.append("mergekit_lore.solver has no solve_on_subspaces: the fast path was not counted")
+    if not _count_solves():
+        notes.append("mergekit_lore.solver has no solve_lore: per-matrix solves were not recorded")
     log(f"mergekit_lore from {prov['package']}; HEAD {prov['head']}; differing from HEAD: {prov['differ']}")
     regimes = [r.strip() for r in cli.regimes.split(",") if r.strip()]
     seeds = [int(s) for s in cli.seeds.split(",")]
@@ -326,7 +438,7 @@ def main(argv=None):
                 notes.append(f"{name} seed {seed}: a fine-tune is missing or its cache key differs; skipped")
                 flush()
                 continue
-            counts = []
+            counts, solves = [], []
 
             def lore_plan_counted(scenario, models_, base_):
                 plan = lore_plan(scenario, models_, base_)
@@ -335,7 +447,9 @@ def main(argv=None):
 
                     def counted_run(*a, _run=run, **k):
                         before = dict(SUBSPACE)
+                        first = len(SOLVES)
                         out = _run(*a, **k)
+                        solves.append(_solve_stats(SOLVES[first:]))
                         counts.append(f"{SUBSPACE['calls'] - before['calls']} "
                                       f"({SUBSPACE['fallbacks'] - before['fallbacks']}, "
                                       f"{SUBSPACE['fallback_s'] - before['fallback_s']:.1f} s)")
@@ -346,14 +460,14 @@ def main(argv=None):
 
             new_rows = regime_run._mergekit_rows(seed, paths, base, scorer, cli.scratch / name, lore_plan_counted,
                                                  log)
-            for new, count in zip(new_rows, counts):
+            for new, count, solve in zip(new_rows, counts, solves):
                 old = _stored_row(stored, seed, new["name"])
                 row = {"regime": name, "seed": seed, "merge": new["name"],
                        "stored_test": old.get("test_mean") if old else None,
                        "new_test": new.get("test_mean"), "stored_val": old.get("val_mean") if old else None,
                        "new_val": new.get("val_mean"), "stored_s": old.get("seconds") if old else None,
                        "new_s": new.get("seconds"), "diff": None, "ok": "n/a", "max_diff": None,
-                       "subspace": count}
+                       "subspace": count, "solves": solve, "test": new.get("test")}
                 if new.get("returncode") != 0:
                     notes.append(f"{name} seed {seed} {new['name']}: merge FAILED: {new.get('error', '')[-300:]}")
                     row["ok"] = "FAILED"
