@@ -22,27 +22,27 @@ from typing import List
 
 import torch
 
+from bench_e2e import FAMILIES as E2E_FAMILIES  # noqa: E402
 from common import machine_info  # noqa: E402  (repository on sys.path)
 from mergekit_lore.combine import merge_solution
 from mergekit_lore.lore import resolve_thresholds
 from mergekit_lore.solver import SolveOptions, anchored_mean, solve_lore
 
-FAMILIES = [  # (rank, strength, noise, dtype)
-    (8, 0.5, 0.02, "float32"),  # bench_e2e's default family
-    (16, 0.05, 0.002, "bfloat16"),  # issue 12's slow family
-    (64, 0.10, 0.001, "float32"),
-    (8, 0.01, 0.001, "bfloat16"),
-    (32, 0.03, 0.005, "float32"),
-]
+# bench_e2e's named input families: (name, rank, strength, noise, dtype, shared fraction)
+FAMILIES = [(name, f["ft_rank"], f["ft_strength"], f["ft_noise"], f["dtype"], f["ft_shared"])
+            for name, f in E2E_FAMILIES.items()]
 
 
-def family(rows, cols, n, rank, strength, noise, dtype, seed=0):
+def family(rows, cols, n, rank, strength, noise, dtype, seed=0, shared=0.0):
+    """A base and n fine-tunes: base + rank-r update (``shared`` of it common to all) + noise."""
     g = torch.Generator().manual_seed(seed)
     scale = 0.02
     base = torch.randn(rows, cols, generator=g) * scale
+    common = torch.randn(rows, rank, generator=g) @ torch.randn(rank, cols, generator=g) if shared else 0.0
     thetas = []
     for _ in range(n):
-        update = torch.randn(rows, rank, generator=g) @ torch.randn(rank, cols, generator=g) / rank**0.5
+        own = torch.randn(rows, rank, generator=g) @ torch.randn(rank, cols, generator=g)
+        update = (own * (1.0 - shared) ** 0.5 + common * shared**0.5) / rank**0.5
         thetas.append((base + update * (strength * scale) + torch.randn(rows, cols, generator=g) * (noise * scale)).to(dtype))
     return base.to(dtype), thetas
 
@@ -58,46 +58,53 @@ def rel(a, b) -> float:
     return float((a.double() - b).norm() / max(float(b.norm()), 1e-30))
 
 
-def solve(thetas, mus, base, beta, tol=1e-4, max_iter=100):
+def solve(thetas, mus, base, beta, tol=1e-4, max_iter=100, seeds=None):
     kwargs = dict(base=base, base_weight=beta) if base is not None else {}
     began = time.perf_counter()
-    solution = solve_lore(thetas, mus, options=SolveOptions(tol=tol, max_iter=max_iter), **kwargs)
+    solution = solve_lore(thetas, mus, options=SolveOptions(tol=tol, max_iter=max_iter), warm_start=seeds, **kwargs)
     return solution, time.perf_counter() - began
 
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1024x2816")
-    parser.add_argument("--families", default=None, help="indices into FAMILIES (comma list)")
+    parser.add_argument("--families", default=None, help="names of FAMILIES (comma list, default all)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--skip-threads", action="store_true",
+                        help="skip the 1 vs 2 threads column (two threads crawl when another job holds a core)")
     args = parser.parse_args(argv)
     rows, cols = (int(v) for v in args.shape.split("x"))
     torch.set_num_threads(1)
-    picked = [FAMILIES[int(i)] for i in args.families.split(",")] if args.families else FAMILIES
+    picked = [f for f in FAMILIES if not args.families or f[0] in args.families.split(",")]
     lines = ["# Fast-path accuracy and determinism (one matrix, in process)", "", machine_info(1),
              f"- shape {rows}x{cols}, mu_ratio 0.2, lambda 0.5 (sum); reference: the same solve at tol 1e-7 in float64",
-             "", "| family (rank, strength, noise, dtype) | inputs | solve s (tol 1e-4) | outer iterations | path | kept ranks "
+             "- thresholds and warm starts as `lore_merge` computes them (`resolve_thresholds`, seeds)",
+             "", "| family (rank, strength, noise, dtype, shared) | inputs | solve s (tol 1e-4) | outer iterations | path | kept ranks "
              "| merged vs tol 1e-7 | worst task vector vs tol 1e-7 | transposed view vs copy | 1 vs 2 threads |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for rank, strength, noise, dtype in picked:
+    for name, rank, strength, noise, dtype, shared in picked:
         for n, with_base in ((3, False), (2, True)):
-            base, thetas = family(rows, cols, n, rank, strength, noise, getattr(torch, dtype))
+            base, thetas = family(rows, cols, n, rank, strength, noise, getattr(torch, dtype), shared=shared)
             beta = 1.0 if with_base else 0.0
             b = base if with_base else None
             reference = base.float() if with_base else anchored_mean(thetas, None, 0.0, torch.float32)
-            mus = resolve_thresholds(thetas, reference, [None] * n, [0.2] * n)
-            fast, seconds = solve(thetas, mus, b, beta)
+            seeds = []
+            mus = resolve_thresholds(thetas, reference, [None] * n, [0.2] * n, seeds=seeds)
+            fast, seconds = solve(thetas, mus, b, beta, seeds=seeds)
             tight, _ = solve([t.double() for t in thetas], mus, b.double() if b is not None else None, beta,
                              tol=1e-7, max_iter=500)
             merged_err = rel(merged(fast), merged(tight))
             delta_err = max(rel(fast.delta(i), tight.delta(i)) for i in range(n))
             views = [t.T.contiguous().T for t in thetas]  # same values, column-major
-            layout = rel(merged(solve(views, mus, None if b is None else b.T.contiguous().T, beta)[0]), merged(fast))
-            torch.set_num_threads(2)
-            threads = rel(merged(solve(thetas, mus, b, beta)[0]), merged(fast))
-            torch.set_num_threads(1)
-            line = (f"| r{rank}, {strength:g}, {noise:g}, {dtype} | {n}{' + base' if with_base else ''} | {seconds:.2f} | "
+            layout = rel(merged(solve(views, mus, None if b is None else b.T.contiguous().T, beta, seeds=seeds)[0]),
+                         merged(fast))
+            threads = float("nan")
+            if not args.skip_threads:
+                torch.set_num_threads(2)
+                threads = rel(merged(solve(thetas, mus, b, beta, seeds=seeds)[0]), merged(fast))
+                torch.set_num_threads(1)
+            line = (f"| {name}: r{rank}, {strength:g}, {noise:g}, {dtype}, {shared:g} | {n}{' + base' if with_base else ''} | {seconds:.2f} | "
                     f"{fast.iterations} | {','.join(fast.backends)} | {fast.ranks} | {merged_err:.1e} | {delta_err:.1e} | "
                     f"{layout:.1e} | {threads:.1e} |")
             lines.append(line)

@@ -105,3 +105,48 @@ def test_loose_threshold_norm_and_its_block():
     assert float((block.double().T @ v1).norm()) > 0.99
     _, tall_block, _ = top_singular(x.T.float(), rtol=1e-3)
     assert tall_block.shape[0] == ROWS  # right singular vectors of the tall matrix
+
+
+def test_threshold_seeds_are_the_directions_that_pass_the_threshold():
+    from mergekit_lore.lore import resolve_thresholds
+
+    base, thetas = family(2, 5, 0.05, seed=11)
+    seeds = []
+    mus = resolve_thresholds([t.float() for t in thetas], base.float(), [None, None], [0.2, 0.2], seeds=seeds)
+    for theta, mu, seed in zip(thetas, mus, seeds):
+        values = reference.singular_values(theta - base)
+        assert mu == pytest.approx(0.2 * float(values[0]), rel=1e-3)
+        assert seed.shape == (COLS, int((values > mu).sum()))  # the expected kept rank, here the planted 5
+        v = torch.linalg.svd(theta - base, full_matrices=False).Vh[: seed.shape[1]].T
+        assert float((seed.double().T @ v).norm() ** 2) == pytest.approx(seed.shape[1], abs=1e-2)
+
+
+def test_a_warm_start_past_the_sketch_limit_goes_straight_to_the_dense_solver():
+    from mergekit_lore.solver import anchored_mean
+    from mergekit_lore.subspace import SEED_MARGIN, solve_on_subspaces
+
+    _, thetas = family(3, 4, 0.05, seed=12)
+    thetas = [t.float() for t in thetas]
+    anchor = anchored_mean(thetas, None, 0.0, torch.float32)
+    limit = min(ROWS, COLS) // 4
+    wide = [torch.linalg.qr(torch.randn(COLS, limit - SEED_MARGIN + 1)).Q] * 3
+    mus = thresholds_for(thetas, sum(thetas) / 3)
+    assert solve_on_subspaces(thetas, mus, anchor, 1 / 3, tol=1e-4, max_iter=50, seed=0, warm_start=wide) is None
+    narrow = [w[:, :4] for w in wide]
+    assert solve_on_subspaces(thetas, mus, anchor, 1 / 3, tol=1e-4, max_iter=50, seed=0, warm_start=narrow) is not None
+    # solve_lore then takes the dense path and still finds the minimiser
+    solution = solve_lore(thetas, mus, options=SolveOptions(tol=1e-6, max_iter=2000), warm_start=wide)
+    assert "subspace" not in solution.backends
+    theta0_ref, deltas_ref = reference.solve([t.double() for t in thetas], mus)
+    assert relative(merged(solution), theta0_ref + 0.6 * sum(deltas_ref)) < 1e-4
+
+
+def test_anchored_mean_of_bf16_inputs_matches_the_float64_mean():
+    from mergekit_lore.solver import anchored_mean
+
+    base, thetas = family(3, 4, 0.05, seed=13, rows=700, cols=500)  # several row blocks
+    low = [t.bfloat16() for t in thetas]
+    got = anchored_mean(low, base.bfloat16(), 2.0, torch.float32)
+    expected = (sum(t.double() for t in low) + 2.0 * base.bfloat16().double()) / 5.0
+    assert got.dtype == torch.float32
+    assert float((got.double() - expected).abs().max()) < 1e-6 * float(expected.abs().max())

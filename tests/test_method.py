@@ -237,3 +237,18 @@ def test_cancelling_coefficients_give_the_anchored_mean_and_a_notice(
         )
     assert float((other - expected).norm() / expected.norm()) > 1e-4
     assert "cancels" not in caplog.text
+
+
+def test_finite_check_clears_a_sum_that_overflows_and_names_a_real_nan():
+    # the check reads a sum first; a sum that overflows must not be taken for NaN/Inf
+    from mergekit.merge_methods.base import TensorGroup
+
+    from mergekit_lore.method import _check_finite
+
+    big = torch.full((4, 6), 3.0e38)
+    assert not torch.isfinite(big.sum())
+    _check_finite(TensorGroup.from_tensors([big, big.clone()], ids=["a", "b"]), "w")  # no error
+    bad = big.clone()
+    bad[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"tensor 'w' of model 'b' contains NaN or Inf"):
+        _check_finite(TensorGroup.from_tensors([big, bad], ids=["a", "b"]), "w")

@@ -76,3 +76,15 @@ def test_spectrum_rejects_unknown_layers(family, tmp_path):
         main, ["spectrum", str(config), "--out", str(tmp_path / "x.png"), "--layers", "nothing.*"]
     )
     assert result.exit_code != 0 and "no 2-D weight matches" in result.output
+
+
+def test_fine_tune_like_shared_fraction_sets_the_task_vector_cosine():
+    from mergekit_lore.demo import fine_tune_like
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(400, 300, generator=g) * 0.02}
+    for shared in (0.0, 0.55):
+        a, b = (fine_tune_like(base, seed, rank=16, strength=0.05, noise=0.0, shared=shared)["w"] - base["w"]
+                for seed in (1, 2))
+        cosine = float((a * b).sum() / (a.norm() * b.norm()))
+        assert cosine == pytest.approx(shared, abs=0.05)

@@ -12,6 +12,8 @@ from mergekit_lore.svt import (
     lowrank_norm,
     spectral_norm,
     svt,
+    times,
+    top_singular,
 )
 
 BACKENDS = ["exact", "gram", "randomized", "auto"]
@@ -131,3 +133,31 @@ def test_svt_contract_on_cuda(case, backend):
         assert float(got.norm()) == 0.0
     else:
         assert float((got - expected).norm() / expected.norm()) <= 1e-4
+
+
+def test_times_gives_the_product_for_row_and_column_major_operands():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(300, 70, generator=g)
+    m = torch.randn(300, 8, generator=g)
+    expected = a.double().T @ m.double()
+    column_major = a.T  # a view: its transpose is the contiguous tensor
+    assert not column_major.is_contiguous()
+    for x in (column_major, column_major.contiguous()):
+        got = times(x, m)
+        assert got.shape == (70, 8)
+        assert float((got.double() - expected).norm() / expected.norm()) < 1e-6
+
+
+def test_top_singular_block_holds_the_leading_ritz_values():
+    # a planted spectrum: 6 separated values over a small bulk
+    _, (x,) = reference.planted_family(1, (90, 150), rank=6, strength=1.0, noise=0.01, seed=4, dtype=torch.float64)
+    exact = reference.singular_values(x)
+    top = top_singular(x.float(), rtol=1e-6, block=12)
+    assert top.basis.shape == (150, 12) and top.values.shape == (12,)
+    assert top.value == pytest.approx(float(exact[0]), rel=1e-5)
+    assert torch.all(top.values[:-1] >= top.values[1:])
+    # Ritz values of the separated part match the singular values
+    assert torch.allclose(top.values[:6].double(), exact[:6], rtol=1e-4)
+    # the basis spans the top right singular vectors
+    v = torch.linalg.svd(x, full_matrices=False).Vh[:6].T
+    assert float((top.basis.double().T @ v).norm() ** 2) == pytest.approx(6.0, abs=1e-3)
