@@ -50,7 +50,7 @@ from mergekit_lore.svt import (
     lowrank_norm,
     svt,
 )
-from mergekit_lore.subspace import solve_on_subspaces
+from mergekit_lore.subspace import block_rows, solve_on_subspaces
 
 Solver = Literal["cd", "fista"]
 SOLVERS = ("cd", "fista")
@@ -124,7 +124,7 @@ def anchored_mean(
 
 
 def accumulate(total: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> None:
-    """``total += alpha * x`` converting ``x`` to ``total``'s dtype in row blocks.
+    """``total += alpha * x`` converting ``x`` to ``total``'s dtype in row blocks (``block_rows``).
 
     ``total.add_(x.to(dtype))`` allocates a full-size temporary per input; on CPU
     its first touch (page faults) made the anchored mean of bf16 inputs 6x slower.
@@ -132,7 +132,7 @@ def accumulate(total: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> None
     if x.dtype == total.dtype or total.ndim < 2:
         total.add_(x.to(total.dtype), alpha=alpha)
         return
-    rows = max(1, (1 << 18) // max(total[0].numel(), 1))
+    rows = block_rows(total)
     for start in range(0, total.shape[0], rows):
         total[start:start + rows].add_(x[start:start + rows].to(total.dtype), alpha=alpha)
 

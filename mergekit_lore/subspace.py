@@ -50,15 +50,21 @@ CPU_BLOCK_ELEMENTS = 1 << 18  # 1 MiB float32 row blocks: stays in cache
 CUDA_BLOCK_ELEMENTS = 1 << 27  # on a GPU one large block (few kernel launches)
 
 
+def block_rows(matrix: torch.Tensor) -> int:
+    """Rows per block for row-blocked passes over ``matrix`` (about 1 MiB on CPU, one block on GPU)."""
+    budget = CUDA_BLOCK_ELEMENTS if matrix.is_cuda else CPU_BLOCK_ELEMENTS
+    rows, cols = matrix.shape[0], matrix[0].numel() if matrix.ndim > 1 else 1
+    return max(1, min(rows, budget // max(cols, 1)))
+
+
 class ResidualProducts:
     """Products with ``D_i = theta_i - anchor`` in row blocks, never storing ``D_i``."""
 
     def __init__(self, thetas: Sequence[torch.Tensor], anchor: torch.Tensor):
         self.thetas = thetas
         self.anchor = anchor
-        rows, cols = anchor.shape
-        budget = CUDA_BLOCK_ELEMENTS if anchor.is_cuda else CPU_BLOCK_ELEMENTS
-        self.block = max(1, min(rows, budget // max(cols, 1)))
+        cols = anchor.shape[1]
+        self.block = block_rows(anchor)
         self.buffer = torch.empty(self.block, cols, dtype=anchor.dtype, device=anchor.device)
         self.passes = 0
         self.seconds = 0.0
