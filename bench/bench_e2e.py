@@ -120,6 +120,11 @@ def make_configs(family: Dict[str, object], inputs: int, dtype: str) -> List[Con
                           lore_config_yaml(models, parameters={"solver": "cd"}, dtype=dtype)))
     configs.append(Config("lore base_model (anchor)", "lore", inputs,
                           lore_config_yaml(models, base=base, dtype=dtype)))
+    # a looser stopping tolerance, to show what tol costs and buys (see bench/results)
+    configs.append(Config("lore tol=1e-3 (no base)", "lore", inputs,
+                          lore_config_yaml(models, parameters={"tol": 1e-3}, dtype=dtype)))
+    configs.append(Config("lore base_model tol=1e-3", "lore", inputs,
+                          lore_config_yaml(models, base=base, parameters={"tol": 1e-3}, dtype=dtype)))
     return configs
 
 

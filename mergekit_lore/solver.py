@@ -212,7 +212,7 @@ def _solve_matrix_free(thetas, thresholds, anchor, coupling, beta, options, warm
     began = time.perf_counter()
     fast = solve_on_subspaces(
         thetas, thresholds, anchor, coupling, tol=options.tol, max_iter=options.max_iter,
-        seed=options.seed, warm_start=warm_start,
+        seed=options.seed, warm_start=warm_start, anchor_is_mean=beta == 0.0,
     )
     if fast is None:
         return None

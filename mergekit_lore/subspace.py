@@ -46,6 +46,7 @@ OVERSAMPLE = 10  # sketch columns beyond the kept rank
 HEADROOM = 5  # grow the sketch when fewer free columns are left
 FIRST_SKETCH = 2 * OVERSAMPLE  # smallest first sketch (also the threshold block, ``lore``)
 SEED_MARGIN = 6  # first sketch columns beyond the expected kept rank of a warm start
+INNER_TOL_FACTOR = 10  # small solves: loosest tolerance (x tol) and its share of the last outer change
 CPU_BLOCK_ELEMENTS = 1 << 18  # 1 MiB float32 row blocks: stays in cache
 CUDA_BLOCK_ELEMENTS = 1 << 27  # on a GPU one large block (few kernel launches)
 
@@ -58,11 +59,16 @@ def block_rows(matrix: torch.Tensor) -> int:
 
 
 class ResidualProducts:
-    """Products with ``D_i = theta_i - anchor`` in row blocks, never storing ``D_i``."""
+    """Products with ``D_i = theta_i - anchor`` in row blocks, never storing ``D_i``.
 
-    def __init__(self, thetas: Sequence[torch.Tensor], anchor: torch.Tensor):
+    ``anchor_is_mean``: the anchor is the plain mean of ``thetas``, so
+    ``sum_i D_i = 0`` and ``left_all`` gets the last model's product for free.
+    """
+
+    def __init__(self, thetas: Sequence[torch.Tensor], anchor: torch.Tensor, anchor_is_mean: bool = False):
         self.thetas = thetas
         self.anchor = anchor
+        self.anchor_is_mean = anchor_is_mean and len(thetas) > 1
         cols = anchor.shape[1]
         self.block = block_rows(anchor)
         self.buffer = torch.empty(self.block, cols, dtype=anchor.dtype, device=anchor.device)
@@ -101,6 +107,14 @@ class ResidualProducts:
         self.seconds += time.perf_counter() - began
         return out.T
 
+    def left_all(self, matrix: torch.Tensor) -> List[torch.Tensor]:
+        """``D_i^T @ matrix`` for every model; with a mean anchor the last is minus the sum of the others."""
+        if not self.anchor_is_mean:
+            return [self.left(i, matrix) for i in range(len(self.thetas))]
+        parts = [self.left(i, matrix) for i in range(len(self.thetas) - 1)]
+        last = torch.stack(parts).sum(dim=0).neg_() if len(parts) > 1 else parts[0].neg()
+        return parts + [last]
+
 
 @dataclass
 class SubspaceResult:
@@ -135,6 +149,26 @@ def _initial_bases(
     return bases
 
 
+def _batched_svt(M: torch.Tensor, mu: torch.Tensor):
+    """``SVT_mu`` of each float64 ``P x P`` matrix in ``M`` from the eigenpairs of ``M^T M``.
+
+    About 1.7x faster than a batched SVD on CPU. Squaring the spectrum costs
+    ``eps * (s_1 / s)^2`` relative accuracy in a singular value ``s``; only the
+    kept values, ``s > mu``, are used, so the loss stays ``eps * (s_1 / mu)^2``
+    (1e-14 at ``mu = s_1 / 10``) and the SVT is 1-Lipschitz in its input.
+    Returns the shrunk matrices and ``(u, shrunk, vh)`` in decreasing order
+    (columns of ``u`` past the kept rank are zero).
+    """
+    values, vectors = torch.linalg.eigh(M.transpose(1, 2) @ M)
+    values, vectors = values.flip(-1), vectors.flip(-1)
+    s = values.clamp_min(0).sqrt()
+    shrunk = (s - mu).clamp_min(0)
+    scale = torch.where(shrunk > 0, 1.0 / torch.where(s > 0, s, 1.0), torch.zeros_like(s))
+    u = (M @ vectors) * scale.unsqueeze(1)  # u_k = M v_k / s_k for the kept k
+    vh = vectors.transpose(1, 2)
+    return (u * shrunk.unsqueeze(1)) @ vh, (u, shrunk, vh)
+
+
 def _small_fista(G, coupling, mus, Z, tol, max_iter):
     """FISTA on the restricted problem: ``Z_i <- SVT_{mu_i}(G_i + c * sum_j Z_j)``.
 
@@ -145,9 +179,7 @@ def _small_fista(G, coupling, mus, Z, tol, max_iter):
     mu = mus.view(-1, 1)
     for k in range(1, max_iter + 1):
         M = G + coupling * point.sum(dim=0, keepdim=True)
-        u, s, vh = torch.linalg.svd(M, full_matrices=False)
-        shrunk = (s - mu).clamp_min(0)
-        new = (u * shrunk.unsqueeze(1)) @ vh
+        new, (u, shrunk, vh) = _batched_svt(M, mu)
         step = float((new - Z).norm())
         size = float(new.norm())
         if step <= tol * size or (size == 0.0 and step == 0.0):
@@ -190,13 +222,12 @@ def _outer_step(products, bases: _Bases, coupling: float):
     U, stacked = torch.linalg.qr(torch.cat(sketches, dim=1), mode="reduced")  # Q_i = U stacked[:, cols_i]
     overlap = None if core is None else bases.U.T @ U  # U_old^T U
     correction = None if core is None else bases.W @ (core.T @ overlap)  # S^T U
-    dense_parts, V = [], []
+    V = []
     width = sketches[0].shape[1]
-    for i in range(n):
-        h = products.left(i, U)  # D_i^T U
+    dense_parts = products.left_all(U)  # D_i^T U
+    for i, h in enumerate(dense_parts):
         xt = h if correction is None else torch.add(h, correction, alpha=coupling)  # X_i^T U
         V.append(_orth(xt @ stacked[:, i * width:(i + 1) * width]))  # orth(X_i^T Q_i)
-        dense_parts.append(h)
     W = _orth(torch.cat(V, dim=1))
     G = torch.stack([(h.T @ W) for h in dense_parts]).double()
     if bases.Z is not None:  # carry the previous solution into the new bases
@@ -219,6 +250,7 @@ def solve_on_subspaces(
     seed: int,
     warm_start: Optional[Sequence[Optional[torch.Tensor]]] = None,
     max_rank: Optional[int] = None,
+    anchor_is_mean: bool = False,
 ) -> Optional[SubspaceResult]:
     """Minimise the LoRE objective matrix-free; None when the kept rank passes ``max_rank``.
 
@@ -227,8 +259,16 @@ def solve_on_subspaces(
     task vectors between outer steps at which to stop; ``max_iter``: outer steps;
     ``seed``: of the random sketch; ``warm_start``: optional right bases (k x r) per
     model to seed it, r being the expected kept rank (the first sketch then has
-    at least ``r + SEED_MARGIN`` columns); ``max_rank``: largest per-model sketch before giving up
-    (default a quarter of the short side).
+    at least ``r + SEED_MARGIN`` columns); ``max_rank``: largest per-model sketch
+    before giving up (default a quarter of the short side);
+    ``anchor_is_mean``: ``anchor`` is the plain mean of ``thetas`` (no base), which
+    saves one of the n left passes per step (``ResidualProducts.left_all``).
+
+    The small solves are inexact while the outer steps still move (Yao & Kwok
+    2015): after the first step their tolerance is a tenth of the last outer
+    change, between ``tol / 10`` and ``10 * tol`` (the loosest right after the
+    sketch grew); the first step is solved to ``tol / 10``, since it may be
+    the last but one.
     """
     n = len(thetas)
     rows, cols = anchor.shape
@@ -239,14 +279,15 @@ def solve_on_subspaces(
         return None  # the spectrum is not low rank enough for sketches to pay off
     generator = torch.Generator(device=anchor.device)
     generator.manual_seed(seed)
-    products = ResidualProducts(thetas, anchor)
+    products = ResidualProducts(thetas, anchor, anchor_is_mean)
     bases = _Bases(_initial_bases(warm_start, n, cols, size, generator, anchor))
     mus = torch.tensor([float(m) for m in thresholds], dtype=torch.float64, device=anchor.device)
     previous: Optional[List[LowRank]] = None
     change, inner = math.inf, 0
-    small_tol = max(tol * 1e-1, 1e-12)
+    tightest = max(tol / INNER_TOL_FACTOR, 1e-12)
     for outer in range(1, max_iter + 1):
         G = _outer_step(products, bases, coupling)
+        small_tol = tightest if outer == 1 else max(tightest, min(tol * INNER_TOL_FACTOR, change / INNER_TOL_FACTOR))
         Z, (u, shrunk, vh), used = _small_fista(G, coupling, mus, bases.Z, small_tol, 5000)
         bases.Z = Z
         inner += used
