@@ -16,8 +16,9 @@ fixed and ``S = sum_j delta_j`` low rank. This module never forms ``X_i``:
 3. **Exact solve on the subspaces.** With ``delta_i = Q_i Z_i V_i^T`` the objective
    restricted to these subspaces is the same LoRE problem on small ``l x l``
    matrices (the bases are orthonormal, so norms are preserved); it is solved
-   to high accuracy by FISTA (Beck & Teboulle 2009) with gradient restarts
-   (O'Donoghue & Candes 2015) and batched exact SVDs in float64. The slow
+   by FISTA (Beck & Teboulle 2009) with gradient restarts (O'Donoghue & Candes
+   2015) and batched float64 SVTs from Gram eigenpairs, to ``tol / 10`` at the
+   end and more loosely while the outer steps still move. The slow
    (flat) directions of the LoRE objective therefore cost small-matrix
    iterations only, not passes over the weights.
 

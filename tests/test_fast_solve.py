@@ -150,3 +150,45 @@ def test_anchored_mean_of_bf16_inputs_matches_the_float64_mean():
     expected = (sum(t.double() for t in low) + 2.0 * base.bfloat16().double()) / 5.0
     assert got.dtype == torch.float32
     assert float((got.double() - expected).abs().max()) < 1e-6 * float(expected.abs().max())
+
+
+def test_batched_svt_from_the_gram_matches_the_float64_svt():
+    from mergekit_lore.subspace import _batched_svt
+
+    generator = torch.Generator().manual_seed(5)
+    # decaying spectra (s_1 / s_min = 1e4), thresholds from s_1 / 8 to just below s_1
+    matrices = torch.stack([
+        torch.linalg.qr(torch.randn(60, 60, generator=generator, dtype=torch.float64)).Q
+        @ torch.diag(torch.logspace(0, -4, 60, dtype=torch.float64) * (i + 1))
+        @ torch.linalg.qr(torch.randn(60, 60, generator=generator, dtype=torch.float64)).Q.T
+        for i in range(3)
+    ])
+    mus = torch.tensor([1 / 8, 1.0, 2.9], dtype=torch.float64)
+    shrunk_matrices, (u, shrunk, vh) = _batched_svt(matrices, mus.view(-1, 1))
+    for i in range(3):
+        expected = reference.svt(matrices[i], float(mus[i]))
+        assert relative(shrunk_matrices[i], expected) < 1e-12
+        kept = int((shrunk[i] > 0).sum())
+        assert kept == int((reference.singular_values(matrices[i]) > mus[i]).sum()) > 0
+        # kept left vectors orthonormal, the rest zero; the factors rebuild the SVT
+        assert torch.allclose(u[i, :, :kept].T @ u[i, :, :kept], torch.eye(kept, dtype=torch.float64), atol=1e-10)
+        assert float(u[i, :, kept:].abs().max()) == 0.0
+        rebuilt = (u[i, :, :kept] * shrunk[i, :kept]) @ vh[i, :kept]
+        assert relative(rebuilt, expected) < 1e-12
+
+
+def test_left_products_with_a_mean_anchor_match_the_dense_products():
+    from mergekit_lore.subspace import ResidualProducts
+
+    _, thetas = family(3, 4, 0.2, seed=21, rows=700, cols=300)  # several row blocks
+    inputs = [t.float() for t in thetas]
+    mean = sum(inputs) / 3
+    matrix = torch.randn(700, 9, generator=torch.Generator().manual_seed(2))
+    saved = ResidualProducts(inputs, mean, anchor_is_mean=True)
+    got = saved.left_all(matrix)
+    assert saved.passes == 2  # the third product is minus the sum of the others
+    for theta, product in zip(thetas, got):
+        expected = (theta - sum(thetas) / 3).T @ matrix.double()
+        assert relative(product.double(), expected) < 1e-5
+    plain = ResidualProducts(inputs, mean)
+    assert len(plain.left_all(matrix)) == 3 and plain.passes == 3
