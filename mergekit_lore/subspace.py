@@ -156,7 +156,7 @@ def _batched_svt(M: torch.Tensor, mu: torch.Tensor):
     About 1.7x faster than a batched SVD on CPU. Squaring the spectrum costs
     ``eps * (s_1 / s)^2`` relative accuracy in a singular value ``s``; only the
     kept values, ``s > mu``, are used, so the loss stays ``eps * (s_1 / mu)^2``
-    (1e-14 at ``mu = s_1 / 10``) and the SVT is 1-Lipschitz in its input.
+    (2e-14 at ``mu = s_1 / 10``) and the SVT is 1-Lipschitz in its input.
     Returns the shrunk matrices and ``(u, shrunk, vh)`` in decreasing order
     (columns of ``u`` past the kept rank are zero).
     """
