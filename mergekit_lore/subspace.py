@@ -113,8 +113,7 @@ class ResidualProducts:
         if not self.anchor_is_mean:
             return [self.left(i, matrix) for i in range(len(self.thetas))]
         parts = [self.left(i, matrix) for i in range(len(self.thetas) - 1)]
-        last = torch.stack(parts).sum(dim=0).neg_() if len(parts) > 1 else parts[0].neg()
-        return parts + [last]
+        return parts + [torch.stack(parts).sum(dim=0).neg_()]
 
 
 @dataclass
