@@ -6,7 +6,7 @@ each run) and the in-process split, and writes a markdown table:
 
 - 3 inputs, no base (``lore default``): ``lore / ties`` <= 0.5 and ``lore / linear`` <= 3;
 - 2 inputs + base (``lore base_model``): ``lore / linear`` <= 2;
-- other input counts and other lore configs (e.g. ``tol=1e-3``): reported.
+- other input counts and other lore configs (e.g. ``tol=1e-4``): reported.
 
     python bench/e2e_summary.py NAME=REPORT.md [NAME=REPORT.md ...] [--out FILE]
 """

@@ -51,7 +51,7 @@ def test_fast_path_matches_reference_and_tight_solve(case):
     centre = base if with_base else sum(thetas) / n
     mus = thresholds_for(thetas, centre)
     kwargs = dict(base=base.float(), base_weight=beta) if with_base else {}
-    fast = solve_lore([t.float() for t in thetas], mus, **kwargs)  # default tol 1e-4
+    fast = solve_lore([t.float() for t in thetas], mus, **kwargs)  # default tol (1e-3)
     assert fast.backends == ["subspace"] and fast.converged
     # the same solve run to tol 1e-7 (float64 inputs, so that tol is reachable)
     kwargs64 = dict(base=base, base_weight=beta) if with_base else {}
