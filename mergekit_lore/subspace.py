@@ -1,4 +1,4 @@
-"""Matrix-free LoRE solve on per-model subspaces (the fast path of ``solve_lore``).
+"""Matrix-free LoRE solve on per-model sketches and shared bases (the fast path of ``solve_lore``).
 
 The proximal-gradient step of the LoRE problem (``docs/method.md``) is
 ``delta_i <- SVT_{mu_i}(X_i)`` with ``X_i = D_i + c * S``, ``D_i = theta_i - anchor``
@@ -12,22 +12,28 @@ fixed and ``S = sum_j delta_j`` low rank. This module never forms ``X_i``:
 2. **One warm-started subspace iteration per outer step** and model (Halko,
    Martinsson & Tropp 2011, Alg. 4.4; reused across steps as in the accelerated
    inexact soft-impute of Yao & Kwok 2015): ``Q_i = orth(X_i V_i)``,
-   ``V_i = orth(X_i^T Q_i)``. Two passes over the weight per model and step.
-3. **Exact solve on the subspaces.** With ``delta_i = Q_i Z_i V_i^T`` the objective
-   restricted to these subspaces is the same LoRE problem on small ``l x l``
-   matrices (the bases are orthonormal, so norms are preserved); it is solved
-   by FISTA (Beck & Teboulle 2009) with gradient restarts (O'Donoghue & Candes
-   2015) and batched float64 SVTs from Gram eigenpairs, to ``tol / 10`` at the
-   end and more loosely while the outer steps still move. The slow
-   (flat) directions of the LoRE objective therefore cost small-matrix
+   ``V_i = orth(X_i^T Q_i)``. One QR of the stacked sketches ``[X_1 V_1, ...]``
+   gives the shared left basis ``U`` and every ``Q_i`` in its coordinates; the
+   left passes ``D_i^T U`` give both ``X_i^T Q_i`` and the projections below.
+3. **Exact solve on the shared bases.** With ``U`` and ``W = orth[V_1, ..., V_n]``
+   (``P = n l`` columns each) and ``delta_i = U Z_i W^T``, the objective
+   restricted to these subspaces is the same LoRE problem on small ``P x P``
+   matrices ``U^T D_i W`` (the bases are orthonormal, so norms are preserved);
+   it is solved by FISTA (Beck & Teboulle 2009) with gradient restarts
+   (O'Donoghue & Candes 2015) and batched float64 SVTs from Gram eigenpairs, to
+   ``tol / 10`` at the end and more loosely while the outer steps still move.
+   The slow (flat) directions of the LoRE objective therefore cost small-matrix
    iterations only, not passes over the weights.
 
 If the bases contain the singular subspaces of every ``X_i`` above ``mu_i`` at
 the optimum, the restricted minimiser is the global one (the thresholded part
 of ``X_i`` lives inside them). Outer steps stop when the task vectors change by
-less than ``tol`` (relative); the bases grow when a model's kept rank nears the
-sketch size, and the caller falls back to the dense solver when they would
-pass a quarter of the short side (then the spectrum is not low rank).
+less than ``tol`` (relative). The sketches grow (by half, with fresh random
+columns) when a model's kept rank nears the sketch size; once the kept rank has
+settled well below a sketch that overshot, they are cut back, once, to their
+leading Ritz directions (kept rank + ``OVERSAMPLE``). The caller falls back to
+the dense solver when they would pass a quarter of the short side (then the
+spectrum is not low rank).
 
 Pure torch, no mergekit imports.
 """
@@ -41,7 +47,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from mergekit_lore.svt import LowRank, lowrank_distance, lowrank_norm
+from mergekit_lore.svt import LowRank, lowrank_distance
 
 OVERSAMPLE = 10  # sketch columns beyond the kept rank
 HEADROOM = 5  # grow the sketch when fewer free columns are left
@@ -126,6 +132,8 @@ class SubspaceResult:
     inner_iterations: int
     passes: int
     pass_seconds: float
+    sketch: int = 0  # per-model sketch columns at the end (after any growth and trim)
+    peak_sketch: int = 0  # the most it had
 
 
 def _orth(matrix: torch.Tensor) -> torch.Tensor:
@@ -156,13 +164,16 @@ def _batched_svt(M: torch.Tensor, mu: torch.Tensor):
     ``eps * (s_1 / s)^2`` relative accuracy in a singular value ``s``; only the
     kept values, ``s > mu``, are used, so the loss stays ``eps * (s_1 / mu)^2``
     (2e-14 at ``mu = s_1 / 10``) and the SVT is 1-Lipschitz in its input.
-    Returns the shrunk matrices and ``(u, shrunk, vh)`` in decreasing order
-    (columns of ``u`` past the kept rank are zero).
+    Only the leading ``K`` pairs (the largest kept rank over the batch) are
+    formed. Returns the shrunk matrices and ``(u, shrunk, vh)`` with ``K``
+    pairs in decreasing order (columns of ``u`` past a matrix's kept rank are zero).
     """
     values, vectors = torch.linalg.eigh(M.transpose(1, 2) @ M)
     values, vectors = values.flip(-1), vectors.flip(-1)
     s = values.clamp_min(0).sqrt()
     shrunk = (s - mu).clamp_min(0)
+    rank = max(int((shrunk > 0).sum(dim=1).max()), 1)
+    s, shrunk, vectors = s[:, :rank], shrunk[:, :rank], vectors[:, :, :rank]
     scale = torch.where(shrunk > 0, 1.0 / torch.where(s > 0, s, 1.0), torch.zeros_like(s))
     u = (M @ vectors) * scale.unsqueeze(1)  # u_k = M v_k / s_k for the kept k
     vh = vectors.transpose(1, 2)
@@ -203,13 +214,16 @@ class _Bases:
         self.U: Optional[torch.Tensor] = None
         self.W: Optional[torch.Tensor] = None
         self.Z: Optional[torch.Tensor] = None  # (n, P, P) float64, delta_i = U Z_i W^T
+        self.sketches: List[torch.Tensor] = []  # X_i^T Q_i of the last step (k x l), V_i = orth of it
 
 
 def _outer_step(products, bases: _Bases, coupling: float):
     """One subspace iteration per model on ``X_i = D_i + c S``, then shared bases and ``U^T D_i W``.
 
-    ``S = U_old Z_sum W_old^T`` enters through its factors only; ``U^T Q_i`` is read
-    off the QR of the stacked sketches and ``U_old^T U`` is formed once for all models.
+    ``S = U_old Z_sum W_old^T`` enters through its factors only. One QR of the
+    stacked sketches ``Y_i = X_i V_i`` gives ``U`` and each ``Y_i = U R_i``, so
+    ``Q_i = orth(Y_i) = U orth(R_i)`` costs a small QR (no tall QR per model);
+    ``U_old^T U`` is formed once for all models.
     """
     n, dtype = len(bases.V), bases.V[0].dtype
     core = None if bases.Z is None else bases.Z.sum(dim=0).to(dtype)  # S = U_old core W_old^T
@@ -218,16 +232,19 @@ def _outer_step(products, bases: _Bases, coupling: float):
         y = products.right(i, bases.V[i])
         if core is not None:
             y.addmm_(bases.U, core @ (bases.W.T @ bases.V[i]), alpha=coupling)
-        sketches.append(_orth(y))
-    U, stacked = torch.linalg.qr(torch.cat(sketches, dim=1), mode="reduced")  # Q_i = U stacked[:, cols_i]
+        sketches.append(y)
+    width = sketches[0].shape[1]
+    U, stacked = torch.linalg.qr(torch.cat(sketches, dim=1), mode="reduced")  # Y_i = U stacked[:, cols_i]
+    coordinates = [_orth(stacked[:, i * width:(i + 1) * width]) for i in range(n)]  # U^T Q_i
     overlap = None if core is None else bases.U.T @ U  # U_old^T U
     correction = None if core is None else bases.W @ (core.T @ overlap)  # S^T U
     V = []
-    width = sketches[0].shape[1]
     dense_parts = products.left_all(U)  # D_i^T U
+    bases.sketches = []
     for i, h in enumerate(dense_parts):
         xt = h if correction is None else torch.add(h, correction, alpha=coupling)  # X_i^T U
-        V.append(_orth(xt @ stacked[:, i * width:(i + 1) * width]))  # orth(X_i^T Q_i)
+        bases.sketches.append(xt @ coordinates[i])  # X_i^T Q_i
+        V.append(_orth(bases.sketches[-1]))
     W = _orth(torch.cat(V, dim=1))
     G = torch.stack([(h.T @ W) for h in dense_parts]).double()
     if bases.Z is not None:  # carry the previous solution into the new bases
@@ -284,6 +301,9 @@ def solve_on_subspaces(
     mus = torch.tensor([float(m) for m in thresholds], dtype=torch.float64, device=anchor.device)
     previous: Optional[List[LowRank]] = None
     change, inner = math.inf, 0
+    kept = [math.inf] * n
+    peak = size
+    trimmed = False  # at most once: a kept rank that still creeps up would otherwise grow and trim in turn
     tightest = max(tol / INNER_TOL_FACTOR, 1e-12)
     for outer in range(1, max_iter + 1):
         G = _outer_step(products, bases, coupling)
@@ -291,7 +311,7 @@ def solve_on_subspaces(
         Z, (u, shrunk, vh), used = _small_fista(G, coupling, mus, bases.Z, small_tol, 5000)
         bases.Z = Z
         inner += used
-        kept = [int((shrunk[i] > 0).sum()) for i in range(n)]
+        last_kept, kept = kept, [int((shrunk[i] > 0).sum()) for i in range(n)]
         dtype = anchor.dtype
         deltas = [
             LowRank(bases.U @ (u[i, :, : kept[i]] * shrunk[i, : kept[i]]).to(dtype),
@@ -305,21 +325,28 @@ def solve_on_subspaces(
             bases.V = [_orth(torch.cat([v, _random_basis(cols, grown - size, generator, anchor)], dim=1))
                        for v in bases.V]
             size, previous, change = grown, deltas, math.inf
+            peak = max(peak, size)
             continue
+        if not trimmed and max(kept) <= max(last_kept) and size - max(kept) > OVERSAMPLE + HEADROOM:
+            # the kept rank has settled below an overshooting sketch: keep each sketch's leading Ritz directions
+            size = max(kept) + OVERSAMPLE
+            bases.V = [torch.linalg.svd(y, full_matrices=False).U[:, :size] for y in bases.sketches]
+            trimmed = True
         if previous is not None:
-            change = _relative_change(deltas, previous)
+            change = _relative_change(deltas, previous, float(shrunk.norm()))
             if change <= tol:
-                return _result(deltas, shrunk, kept, outer, change, True, inner, products)
+                return _result(deltas, shrunk, kept, outer, change, True, inner, products, size, peak)
         previous = deltas
-    return _result(deltas, shrunk, kept, max_iter, change, False, inner, products)
+    return _result(deltas, shrunk, kept, max_iter, change, False, inner, products, size, peak)
 
 
-def _relative_change(new: Sequence[LowRank], old: Sequence[LowRank]) -> float:
+def _relative_change(new: Sequence[LowRank], old: Sequence[LowRank], size: float) -> float:
+    """``||new - old|| / size`` over all models; ``size`` = ``||new||``, known from the shrunk values."""
     step = math.sqrt(sum(float(lowrank_distance(a, b)) ** 2 for a, b in zip(new, old)))
-    size = math.sqrt(sum(float(lowrank_norm(a)) ** 2 for a in new))
     return step / size if size > 0 else (0.0 if step == 0 else math.inf)
 
 
-def _result(deltas, shrunk, kept, iterations, change, converged, inner, products) -> SubspaceResult:
+def _result(deltas, shrunk, kept, iterations, change, converged, inner, products, size, peak) -> SubspaceResult:
     norms = [float(shrunk[i, : kept[i]].sum()) for i in range(len(deltas))]
-    return SubspaceResult(deltas, norms, iterations, change, converged, inner, products.passes, products.seconds)
+    return SubspaceResult(deltas, norms, iterations, change, converged, inner, products.passes, products.seconds,
+                          size, peak)

@@ -69,6 +69,25 @@ def test_fast_path_matches_reference_and_tight_solve(case):
         assert fast.ranks[i] == int((torch.linalg.svdvals(expected) > 1e-6 * float(expected.norm())).sum())
 
 
+def test_a_sketch_that_grew_past_the_kept_rank_is_trimmed_and_stays_exact():
+    from mergekit_lore.solver import anchored_mean
+    from mergekit_lore.subspace import FIRST_SKETCH, OVERSAMPLE, solve_on_subspaces
+
+    # rank 32 > the 20-column first sketch: it grows past 50 columns, then the kept rank
+    # settles at 32 and the sketch is cut back to its 42 leading Ritz directions
+    _, thetas = family(3, 32, 0.05, seed=7, rows=240, cols=320)
+    mus = thresholds_for(thetas, sum(thetas) / 3)
+    inputs = [t.float() for t in thetas]
+    result = solve_on_subspaces(inputs, mus, anchored_mean(inputs, None, 0.0, torch.float32), 1 / 3,
+                                tol=1e-3, max_iter=100, seed=0, anchor_is_mean=True)
+    ranks = [d.rank for d in result.deltas]
+    assert result.converged and FIRST_SKETCH < 32 == max(ranks)
+    assert result.peak_sketch > result.sketch == max(ranks) + OVERSAMPLE
+    _, deltas_ref = reference.solve(thetas, mus)
+    for fast, expected in zip(result.deltas, deltas_ref):
+        assert relative(fast.dense().double(), expected) < 1e-3
+
+
 def test_fast_path_output_does_not_depend_on_memory_layout():
     _, thetas = family(3, 5, 0.3, seed=3, rows=COLS, cols=ROWS)  # 240 x 160
     row_major = [t.float().T.contiguous() for t in thetas]  # 160 x 240 contiguous
@@ -165,6 +184,8 @@ def test_batched_svt_from_the_gram_matches_the_float64_svt():
     ])
     mus = torch.tensor([1 / 8, 1.0, 2.9], dtype=torch.float64)
     shrunk_matrices, (u, shrunk, vh) = _batched_svt(matrices, mus.view(-1, 1))
+    ranks = [int((reference.singular_values(m) > mu).sum()) for m, mu in zip(matrices, mus)]
+    assert u.shape[2] == shrunk.shape[1] == vh.shape[1] == max(ranks)  # only the kept pairs are formed
     for i in range(3):
         expected = reference.svt(matrices[i], float(mus[i]))
         assert relative(shrunk_matrices[i], expected) < 1e-12
@@ -172,7 +193,7 @@ def test_batched_svt_from_the_gram_matches_the_float64_svt():
         assert kept == int((reference.singular_values(matrices[i]) > mus[i]).sum()) > 0
         # kept left vectors orthonormal, the rest zero; the factors rebuild the SVT
         assert torch.allclose(u[i, :, :kept].T @ u[i, :, :kept], torch.eye(kept, dtype=torch.float64), atol=1e-10)
-        assert float(u[i, :, kept:].abs().max()) == 0.0
+        assert float(u[i, :, kept:].abs().sum()) == 0.0
         rebuilt = (u[i, :, :kept] * shrunk[i, :kept]) @ vh[i, :kept]
         assert relative(rebuilt, expected) < 1e-12
 
