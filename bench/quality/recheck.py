@@ -324,7 +324,7 @@ def write_md(out: Path, command: str, rows, notes, base_checks, tol, began_utc, 
     lines += ["", "Subspace solves: calls of the matrix-free fast path (`solver.solve_on_subspaces`) during "
                   "the merge, how many of them returned None, so the dense solver ran (kept rank past a quarter "
                   "of the short side, i.e. 32 for these 128-wide matrices; since 2243569 also before any "
-                  "iteration, when the first sketch, sized from the threshold block's expected kept rank + 16, "
+                  "iteration, when the first sketch, sized from the threshold block's expected kept rank + 6 (at least 20 columns), "
                   "would already be past that limit), and the seconds spent in those "
                   "given-up attempts (part of new s).",
               "", "Solver columns (one `solve_lore` call per weight matrix, recorded by wrapping it): outer "
