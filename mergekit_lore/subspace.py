@@ -29,9 +29,10 @@ If the bases contain the singular subspaces of every ``X_i`` above ``mu_i`` at
 the optimum, the restricted minimiser is the global one (the thresholded part
 of ``X_i`` lives inside them). Outer steps stop when the task vectors change by
 less than ``tol`` (relative). The sketches grow (by half, with fresh random
-columns) when a model's kept rank nears the sketch size; once the kept rank has
-settled well below a sketch that overshot, they are cut back, once, to their
-leading Ritz directions (kept rank + ``OVERSAMPLE``). The caller falls back to
+columns) when a model's kept rank nears the sketch size; at the first step whose
+kept rank did not grow (the first step counts as such) and sits more than
+``OVERSAMPLE + HEADROOM`` columns below the sketch, they are cut back, once, to
+their leading Ritz directions (kept rank + ``OVERSAMPLE``). The caller falls back to
 the dense solver when they would pass a quarter of the short side (then the
 spectrum is not low rank).
 
@@ -301,7 +302,7 @@ def solve_on_subspaces(
     mus = torch.tensor([float(m) for m in thresholds], dtype=torch.float64, device=anchor.device)
     previous: Optional[List[LowRank]] = None
     change, inner = math.inf, 0
-    kept = [math.inf] * n
+    kept = [math.inf] * n  # "the previous step's kept rank": none yet, so the first step may trim
     peak = size
     trimmed = False  # at most once: a kept rank that still creeps up would otherwise grow and trim in turn
     tightest = max(tol / INNER_TOL_FACTOR, 1e-12)
@@ -328,7 +329,8 @@ def solve_on_subspaces(
             peak = max(peak, size)
             continue
         if not trimmed and max(kept) <= max(last_kept) and size - max(kept) > OVERSAMPLE + HEADROOM:
-            # the kept rank has settled below an overshooting sketch: keep each sketch's leading Ritz directions
+            # the kept rank stopped growing (or this is the first step) well below the sketch:
+            # keep each sketch's leading Ritz directions
             size = max(kept) + OVERSAMPLE
             bases.V = [torch.linalg.svd(y, full_matrices=False).U[:, :size] for y in bases.sketches]
             trimmed = True
