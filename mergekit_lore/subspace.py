@@ -54,6 +54,7 @@ OVERSAMPLE = 10  # sketch columns beyond the kept rank
 HEADROOM = 5  # grow the sketch when fewer free columns are left
 FIRST_SKETCH = 2 * OVERSAMPLE  # smallest first sketch (also the threshold block, ``lore``)
 SEED_MARGIN = 6  # first sketch columns beyond the expected kept rank of a warm start
+FIRST_STEP_FLOOR = 0.2  # first step: shared directions below this x mu in every model's sketch are dropped
 INNER_TOL_FACTOR = 10  # small solves: loosest tolerance (x tol) and its share of the last outer change
 CPU_BLOCK_ELEMENTS = 1 << 18  # 1 MiB float32 row blocks: stays in cache
 CUDA_BLOCK_ELEMENTS = 1 << 27  # on a GPU one large block (few kernel launches)
@@ -218,7 +219,25 @@ class _Bases:
         self.sketches: List[torch.Tensor] = []  # X_i^T Q_i of the last step (k x l), V_i = orth of it
 
 
-def _outer_step(products, bases: _Bases, coupling: float):
+def _significant(coordinates: torch.Tensor, width: int, mus: torch.Tensor) -> torch.Tensor:
+    """Orthonormal combinations (P x P') of a basis that some model's sketch reaches at ``FIRST_STEP_FLOOR * mu_i``.
+
+    ``coordinates``: the per-model sketches (``width`` columns each, model by model) in
+    the basis's coordinates. Directions of the stacked sketches, each model's scaled by
+    ``1 / mu_i``, with singular value above the floor are kept; a direction kept by
+    model ``i`` at the optimum has ``||X_i^T u|| > mu_i``, so it is well inside. All
+    are kept when some ``mu_i`` is 0.
+    """
+    size = coordinates.shape[0]
+    if bool((mus <= 0).any()):
+        return torch.eye(size, dtype=coordinates.dtype, device=coordinates.device)
+    scaled = coordinates * (1.0 / mus).to(coordinates.dtype).repeat_interleave(width)
+    squares, directions = torch.linalg.eigh(scaled @ scaled.T)  # ascending; a Gram suffices for a 0.2 cut
+    passing = max(1, int((squares > FIRST_STEP_FLOOR ** 2).sum()))
+    return directions[:, -passing:].flip(1)
+
+
+def _outer_step(products, bases: _Bases, coupling: float, mus: torch.Tensor):
     """One subspace iteration per model on ``X_i = D_i + c S``, then shared bases and ``U^T D_i W``.
 
     ``S = U_old Z_sum W_old^T`` enters through its factors only. One QR of the
@@ -247,6 +266,11 @@ def _outer_step(products, bases: _Bases, coupling: float):
         bases.sketches.append(xt @ coordinates[i])  # X_i^T Q_i
         V.append(_orth(bases.sketches[-1]))
     W = _orth(torch.cat(V, dim=1))
+    if bases.Z is None:  # first step: only the directions some model's sketch holds at FIRST_STEP_FLOOR x mu
+        left_keep = _significant(stacked, width, mus)
+        right_keep = _significant(W.T @ torch.cat(bases.sketches, dim=1), width, mus)
+        U, W = U @ left_keep, W @ right_keep
+        dense_parts = [h @ left_keep for h in dense_parts]
     G = torch.stack([(h.T @ W) for h in dense_parts]).double()
     if bases.Z is not None:  # carry the previous solution into the new bases
         into_w = (bases.W.T @ W).double()
@@ -307,7 +331,7 @@ def solve_on_subspaces(
     trimmed = False  # at most once: a kept rank that still creeps up would otherwise grow and trim in turn
     tightest = max(tol / INNER_TOL_FACTOR, 1e-12)
     for outer in range(1, max_iter + 1):
-        G = _outer_step(products, bases, coupling)
+        G = _outer_step(products, bases, coupling, mus)
         small_tol = tightest if outer == 1 else max(tightest, min(tol * INNER_TOL_FACTOR, change / INNER_TOL_FACTOR))
         Z, (u, shrunk, vh), used = _small_fista(G, coupling, mus, bases.Z, small_tol, 5000)
         bases.Z = Z

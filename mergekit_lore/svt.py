@@ -312,8 +312,9 @@ def spectral_norm(
 
 
 class TopSingular(NamedTuple):
-    """``value``: the largest singular value; ``basis``: the right singular block found
-    (cols x block, None for tiny matrices); ``values``: its Ritz values, descending."""
+    """``value``: the largest singular value; ``basis``: the right Ritz vectors of the whole
+    final Krylov space (cols x its size, at least ``block``; None for tiny matrices);
+    ``values``: their Ritz values, descending (lower bounds of the leading singular values)."""
 
     value: float
     basis: Optional[torch.Tensor]
@@ -327,16 +328,18 @@ INVARIANT_RTOL = 1e-5  # a new Krylov direction below this x s_1^2 is round-off
 def top_singular(
     x: torch.Tensor, *, rtol: float = 1e-5, max_iter: int = 100, seed: int = 0, block: int = 8
 ) -> TopSingular:
-    """``spectral_norm`` plus the right singular block (``block`` columns) it found.
+    """``spectral_norm`` plus the right Ritz vectors of the Krylov space it built.
 
     Randomized block Krylov iteration (Musco & Musco 2015) with Rayleigh-Ritz on
     the short side: the left space ``[Q, (x x^T) Q, (x x^T)^2 Q, ...]`` grows by
     one ``block``-column block per iteration (two passes over ``x``), and after
     ``KRYLOV_BLOCKS`` blocks restarts on its leading Ritz vectors. Its Ritz
     values converge much faster than subspace iteration's when the top singular
-    values are clustered (as in fine-tune updates). The block seeds a later
-    sketch of a matrix with the same row space (the LoRE solver's warm start)
-    and its Ritz values estimate how many singular values pass a threshold.
+    values are clustered (as in fine-tune updates). All Ritz pairs of the final
+    space are returned (they cost nothing more): the leading ones seed a later
+    sketch of a matrix with the same row space (the LoRE solver's warm start),
+    and by interlacing the ``j``-th Ritz value is at most ``s_j``, so counting
+    those above a threshold under-counts the singular values that pass it.
     Stops when the largest Ritz value changes by at most ``rtol`` (relative)
     or the space stops growing. Other parameters as in ``spectral_norm``.
     """
@@ -387,10 +390,9 @@ def top_singular(
             break  # invariant or full: the Ritz values are the singular values
         q = torch.linalg.qr(fresh - space @ (space.T @ fresh), mode="reduced").Q
     space, products, values, coefficients = ritz
-    keep = coefficients[:, :width]
-    scale = torch.where(values[:width] > 0, values[:width], torch.ones_like(values[:width]))
+    scale = torch.where(values > 0, values, torch.ones_like(values))
     if transposed:  # the caller's columns are this orientation's rows
-        basis = space @ keep.to(x.dtype)
+        basis = space @ coefficients.to(x.dtype)
     else:
-        basis = products @ (keep / scale).to(x.dtype)  # v = x^T u / s
-    return TopSingular(top, basis, values[:width].to(x.dtype))
+        basis = products @ (coefficients / scale).to(x.dtype)  # v = x^T u / s
+    return TopSingular(top, basis, values.to(x.dtype))
