@@ -55,6 +55,7 @@ HEADROOM = 5  # grow the sketch when fewer free columns are left
 FIRST_SKETCH = 2 * OVERSAMPLE  # smallest first sketch (also the threshold block, ``lore``)
 SEED_MARGIN = 6  # first sketch columns beyond the expected kept rank of a warm start
 FIRST_STEP_FLOOR = 0.2  # first step: shared directions below this x mu in every model's sketch are dropped
+TRIM_FLOOR = 0.8  # a trimmed sketch keeps the directions whose restricted values pass this x mu
 INNER_TOL_FACTOR = 10  # small solves: loosest tolerance (x tol) and its share of the last outer change
 CPU_BLOCK_ELEMENTS = 1 << 18  # 1 MiB float32 row blocks: stays in cache
 CUDA_BLOCK_ELEMENTS = 1 << 27  # on a GPU one large block (few kernel launches)
@@ -353,9 +354,9 @@ def solve_on_subspaces(
             peak = max(peak, size)
             continue
         if not trimmed and max(kept) <= max(last_kept) and size - max(kept) > OVERSAMPLE + HEADROOM:
-            # the kept rank stopped growing (or this is the first step) well below the sketch:
-            # keep each sketch's leading Ritz directions
-            size = max(kept) + OVERSAMPLE
+            # the kept rank stopped growing (or this is the first step) well below the sketch: keep
+            # each sketch's leading Ritz directions, as many as the restricted X_i have near or above mu_i
+            size = max(max(kept), _near_threshold(G + coupling * Z.sum(dim=0, keepdim=True), mus)) + OVERSAMPLE
             bases.V = [torch.linalg.svd(y, full_matrices=False).U[:, :size] for y in bases.sketches]
             trimmed = True
         if previous is not None:
@@ -364,6 +365,17 @@ def solve_on_subspaces(
                 return _result(deltas, shrunk, kept, outer, change, True, inner, products, size, peak)
         previous = deltas
     return _result(deltas, shrunk, kept, max_iter, change, False, inner, products, size, peak)
+
+
+def _near_threshold(restricted: torch.Tensor, mus: torch.Tensor) -> int:
+    """Most singular values above ``TRIM_FLOOR * mu_i`` over the restricted ``X_i`` (n x P x P).
+
+    Where the threshold sits in a continuous spectrum (a noise bulk) these are the
+    directions the kept rank will still creep into; elsewhere the spectrum has a gap
+    below ``mu_i`` and this is the kept rank.
+    """
+    squares = torch.linalg.eigvalsh(restricted.transpose(1, 2) @ restricted)
+    return int((squares > (TRIM_FLOOR * mus.view(-1, 1)) ** 2).sum(dim=1).max())
 
 
 def _relative_change(new: Sequence[LowRank], old: Sequence[LowRank], size: float) -> float:
