@@ -34,7 +34,7 @@ from mergekit_lore.combine import (
 )
 from mergekit_lore.solver import LoreSolution, SolveOptions, anchored_mean, solve_lore
 from mergekit_lore.subspace import FIRST_SKETCH
-from mergekit_lore.svt import compute_dtype, top_singular
+from mergekit_lore.svt import TopSingular, compute_dtype, top_singular
 
 # A threshold needs s_1 to about 1e-3 (mu moves by mu_ratio * that); the
 # block it finds seeds the solve's sketch.
@@ -110,7 +110,7 @@ def resolve_thresholds(
     if seeds is not None:
         seeds[:] = [None] * len(thetas)
     thresholds: List[float] = []
-    norms: List[float] = []
+    first: Optional[TopSingular] = None  # the first spectrum computed (shared by mirrored inputs)
     work = None
     for index, (theta, absolute, ratio) in enumerate(zip(thetas, mu, mu_ratio)):
         if absolute is not None:
@@ -119,15 +119,15 @@ def resolve_thresholds(
         if ratio == 0:
             thresholds.append(0.0)
             continue
-        if index == 1 and len(thetas) == 2 and norms and mirrored:
-            # theta_2 - mean = -(theta_1 - mean): same spectrum
-            thresholds.append(float(ratio) * norms[0])
-            continue
-        if work is None:  # row-major, whatever the layout of the inputs
-            work = torch.empty(reference.shape, dtype=reference.dtype, device=reference.device)
-        work.copy_(theta).sub_(reference)
-        top = top_singular(work, rtol=THRESHOLD_RTOL, block=FIRST_SKETCH)
-        norms.append(top.value)
+        if index == 1 and len(thetas) == 2 and first is not None and mirrored:
+            top = first  # theta_2 - mean = -(theta_1 - mean): same spectrum and right singular vectors
+        else:
+            if work is None:  # row-major, whatever the layout of the inputs
+                work = torch.empty(reference.shape, dtype=reference.dtype, device=reference.device)
+            work.copy_(theta).sub_(reference)
+            top = top_singular(work, rtol=THRESHOLD_RTOL, block=FIRST_SKETCH)
+            if first is None:
+                first = top
         thresholds.append(float(ratio) * top.value)
         if seeds is not None and top.basis is not None:
             passing = int((top.values > thresholds[-1]).sum())

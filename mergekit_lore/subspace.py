@@ -356,9 +356,11 @@ def solve_on_subspaces(
         if not trimmed and max(kept) <= max(last_kept) and size - max(kept) > OVERSAMPLE + HEADROOM:
             # the kept rank stopped growing (or this is the first step) well below the sketch: keep
             # each sketch's leading Ritz directions, as many as the restricted X_i have near or above mu_i
-            size = max(max(kept), _near_threshold(G + coupling * Z.sum(dim=0, keepdim=True), mus)) + OVERSAMPLE
-            bases.V = [torch.linalg.svd(y, full_matrices=False).U[:, :size] for y in bases.sketches]
-            trimmed = True
+            target = max(max(kept), _near_threshold(G + coupling * Z.sum(dim=0, keepdim=True), mus)) + OVERSAMPLE
+            if target < size:  # a cut only ever narrows the sketch
+                size = target
+                bases.V = [torch.linalg.svd(y, full_matrices=False).U[:, :size] for y in bases.sketches]
+                trimmed = True
         if previous is not None:
             change = _relative_change(deltas, previous, float(shrunk.norm()))
             if change <= tol:

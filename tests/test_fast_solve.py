@@ -91,6 +91,31 @@ def test_a_sketch_that_grew_past_the_kept_rank_is_trimmed_and_stays_exact():
         assert relative(fast.dense().double(), expected) < 1e-3
 
 
+def test_a_trim_in_a_noise_bulk_only_narrows_the_sketch_and_the_solve_stays_optimal():
+    from mergekit_lore.solver import anchored_mean
+    from mergekit_lore.subspace import OVERSAMPLE, solve_on_subspaces
+
+    # cold start, thresholds at 0.8 x the top of the residuals' noise bulk: the kept rank creeps
+    # into the bulk, and more directions sit near the threshold than the sketch holds. A cut must
+    # not record a sketch wider than the one it keeps (it did: 78 recorded for 67 columns held,
+    # so the sketch stopped growing early).
+    rows = cols = 400
+    base = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    thetas = [base + reference.planted_spectrum(rows, cols, 12, 1.0, seed=10 + i) for i in range(3)]
+    mus = [0.8 * (2 / 3) ** 0.5] * 3  # the bulk of theta_i - mean tops out near sqrt(2/3)
+    inputs = [t.float() for t in thetas]
+    result = solve_on_subspaces(inputs, mus, anchored_mean(inputs, None, 0.0, torch.float32), 1 / 3,
+                                tol=1e-4, max_iter=200, seed=0, anchor_is_mean=True)
+    assert result is not None and result.converged
+    assert result.sketch <= result.peak_sketch
+    assert max(d.rank for d in result.deltas) + OVERSAMPLE <= result.sketch
+    # optimality in float64: delta_i = SVT_mu(theta_i - theta_0) with theta_0 = mean - sum_j delta_j / n
+    deltas = [d.dense().double() for d in result.deltas]
+    theta0 = sum(thetas) / 3 - sum(deltas) / 3
+    for theta, delta, mu in zip(thetas, deltas, mus):
+        assert relative(delta, reference.svt(theta - theta0, mu)) < 1e-3
+
+
 def test_fast_path_output_does_not_depend_on_memory_layout():
     _, thetas = family(3, 5, 0.3, seed=3, rows=COLS, cols=ROWS)  # 240 x 160
     row_major = [t.float().T.contiguous() for t in thetas]  # 160 x 240 contiguous
@@ -141,6 +166,23 @@ def test_threshold_seeds_are_the_directions_that_pass_the_threshold():
         assert seed.shape == (COLS, int((values > mu).sum()))  # the expected kept rank, here the planted 5
         v = torch.linalg.svd(theta - base, full_matrices=False).Vh[: seed.shape[1]].T
         assert float((seed.double().T @ v).norm() ** 2) == pytest.approx(seed.shape[1], abs=1e-2)
+
+
+def test_two_models_without_a_base_share_one_spectrum_and_its_seeds():
+    from mergekit_lore.lore import resolve_thresholds
+
+    _, thetas = family(2, 5, 0.05, seed=14)
+    mean = sum(thetas) / 2
+    seeds = []
+    # different ratios: the thresholds differ, so the solve is not the closed-form symmetric one
+    mus = resolve_thresholds([t.float() for t in thetas], mean.float(), [None, None], [0.2, 0.05],
+                             mirrored=True, seeds=seeds)
+    values = reference.singular_values(thetas[0] - mean)  # = those of theta_2 - mean
+    assert mus[0] == pytest.approx(0.2 * float(values[0]), rel=1e-3)
+    assert mus[1] == pytest.approx(0.05 * float(values[0]), rel=1e-3)
+    assert seeds[1] is not None and seeds[1].shape[1] >= seeds[0].shape[1] >= 1
+    v = torch.linalg.svd(thetas[1] - mean, full_matrices=False).Vh[: seeds[0].shape[1]].T
+    assert float((seeds[1].double().T @ v).norm() ** 2) == pytest.approx(seeds[0].shape[1], abs=1e-2)
 
 
 def test_a_warm_start_past_the_sketch_limit_goes_straight_to_the_dense_solver():
