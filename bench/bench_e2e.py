@@ -54,6 +54,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,7 +302,7 @@ def run_in_process(config: Config, workdir: Path, args: argparse.Namespace,
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    out = workdir / "out-inprocess"
+    out = workdir / "out-inprocess"  # workdir: this run's private scratch folder
     if out.exists():
         shutil.rmtree(out)
     merge_config = MergeConfiguration.model_validate(yaml.safe_load(config.yaml))
@@ -485,6 +486,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     all_configs: List[Config] = []
     config_dir = workdir / "configs"
     config_dir.mkdir(exist_ok=True)
+    # merge outputs go to a folder of this run's own: two runs sharing --workdir (e.g. one per
+    # core) must not delete each other's outputs mid-write
+    scratch = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     wanted = [w.strip() for w in args.configs.split(",")] if args.configs else None
     for k in inputs:
         configs = make_configs(family, k, args.dtype)
@@ -501,7 +505,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     continue
                 if c.times and c.times[0] > args.single_run_above:
                     continue  # slow config: one run only (see --single-run-above)
-                out = workdir / "out"
+                out = scratch / "out"
                 if out.exists():
                     shutil.rmtree(out)
                 t0 = time.perf_counter()
@@ -518,7 +522,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     continue
                 c.times.append(seconds)
                 log(f"  {k} inputs | run {run + 1}/{args.runs} | {c.name}: {seconds:.1f} s")
-        shutil.rmtree(workdir / "out", ignore_errors=True)
+        shutil.rmtree(scratch / "out", ignore_errors=True)
         if not args.no_split:
             for c in configs:
                 if c.method == "lore" and c.failed:
@@ -527,11 +531,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                         and c.median is not None and c.median > 600:
                     continue  # a slow variant is not repeated in-process
                 profile_dir = Path(args.profile) if (args.profile and c.method == "lore") else None
-                measured = run_in_process(c, workdir, args, profile_dir)
+                measured = run_in_process(c, scratch, args, profile_dir)
                 c.split, c.stats = measured["split"], measured["stats"]
                 log(f"  {k} inputs | in-process {c.name}: " + ", ".join(f"{key} {v:.1f}" for key, v in c.split.items())
                     + (f" | {c.stats}" if c.stats else ""))
         all_configs.extend(configs)
+    shutil.rmtree(scratch, ignore_errors=True)
 
     body = [
         "",

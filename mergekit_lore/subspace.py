@@ -28,13 +28,18 @@ fixed and ``S = sum_j delta_j`` low rank. This module never forms ``X_i``:
 If the bases contain the singular subspaces of every ``X_i`` above ``mu_i`` at
 the optimum, the restricted minimiser is the global one (the thresholded part
 of ``X_i`` lives inside them). Outer steps stop when the task vectors change by
-less than ``tol`` (relative). The sketches grow (by half, with fresh random
+less than ``tol`` (relative). Warm starts (the threshold's Ritz vectors above
+``mu_i``) can be wider than the kept rank (without a base each ``D_i`` also holds
+the other models' updates); when every model has one, the first step keeps only
+the directions of the shared bases that some model's sketch reaches at
+``FIRST_STEP_FLOOR * mu_i``. The sketches grow (by half, with fresh random
 columns) when a model's kept rank nears the sketch size; at the first step whose
 kept rank did not grow (the first step counts as such) and sits more than
 ``OVERSAMPLE + HEADROOM`` columns below the sketch, they are cut back, once, to
-their leading Ritz directions (kept rank + ``OVERSAMPLE``). The caller falls back to
-the dense solver when they would pass a quarter of the short side (then the
-spectrum is not low rank).
+their leading Ritz directions: as many as the restricted ``X_i`` have singular
+values above ``TRIM_FLOOR * mu_i``, plus ``OVERSAMPLE``, and never wider than
+they were. The caller falls back to the dense solver when they would pass a
+quarter of the short side (then the spectrum is not low rank).
 
 Pure torch, no mergekit imports.
 """
@@ -238,7 +243,7 @@ def _significant(coordinates: torch.Tensor, width: int, mus: torch.Tensor) -> to
     return directions[:, -passing:].flip(1)
 
 
-def _outer_step(products, bases: _Bases, coupling: float, mus: torch.Tensor):
+def _outer_step(products, bases: _Bases, coupling: float, mus: torch.Tensor, restrict_first: bool):
     """One subspace iteration per model on ``X_i = D_i + c S``, then shared bases and ``U^T D_i W``.
 
     ``S = U_old Z_sum W_old^T`` enters through its factors only. One QR of the
@@ -267,7 +272,7 @@ def _outer_step(products, bases: _Bases, coupling: float, mus: torch.Tensor):
         bases.sketches.append(xt @ coordinates[i])  # X_i^T Q_i
         V.append(_orth(bases.sketches[-1]))
     W = _orth(torch.cat(V, dim=1))
-    if bases.Z is None:  # first step: only the directions some model's sketch holds at FIRST_STEP_FLOOR x mu
+    if bases.Z is None and restrict_first:  # only the directions some warm sketch holds at FIRST_STEP_FLOOR x mu
         left_keep = _significant(stacked, width, mus)
         right_keep = _significant(W.T @ torch.cat(bases.sketches, dim=1), width, mus)
         U, W = U @ left_keep, W @ right_keep
@@ -324,6 +329,8 @@ def solve_on_subspaces(
     generator.manual_seed(seed)
     products = ResidualProducts(thetas, anchor, anchor_is_mean)
     bases = _Bases(_initial_bases(warm_start, n, cols, size, generator, anchor))
+    warm_everywhere = warm_start is not None and len(warm_start) >= n and all(
+        w is not None and w.shape[0] == cols for w in warm_start[:n])
     mus = torch.tensor([float(m) for m in thresholds], dtype=torch.float64, device=anchor.device)
     previous: Optional[List[LowRank]] = None
     change, inner = math.inf, 0
@@ -332,7 +339,7 @@ def solve_on_subspaces(
     trimmed = False  # at most once: a kept rank that still creeps up would otherwise grow and trim in turn
     tightest = max(tol / INNER_TOL_FACTOR, 1e-12)
     for outer in range(1, max_iter + 1):
-        G = _outer_step(products, bases, coupling, mus)
+        G = _outer_step(products, bases, coupling, mus, restrict_first=warm_everywhere)
         small_tol = tightest if outer == 1 else max(tightest, min(tol * INNER_TOL_FACTOR, change / INNER_TOL_FACTOR))
         Z, (u, shrunk, vh), used = _small_fista(G, coupling, mus, bases.Z, small_tol, 5000)
         bases.Z = Z

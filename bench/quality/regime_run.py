@@ -120,6 +120,18 @@ def _recovery(states, base_state, log, mus=RECOVERY_MU) -> List[dict]:
     return out
 
 
+def _regime_data(args, preset, setup):
+    """The regime, its task data (train restricted to its tasks) and its task names."""
+    tiny = args.preset == "tiny"
+    regime = (qregimes.TINY if tiny else qregimes.REGIMES)[args.regime]
+    limits = {"val": preset["eval_val"], "test": preset["eval_test"], "train": 64 if tiny else 0}
+    data = qregimes.task_data(regime, setup["corpus"], setup["texts"], setup["tokenizer"],
+                              preset["shape"].seq_len, limits)
+    tasks = qregimes.task_names(regime, setup["corpus"].names)
+    data["train"] = {t: data["train"][t] for t in tasks}
+    return regime, data, tasks
+
+
 def run_seed(regime, seed, context, log) -> Dict[str, object]:
     c = context
     paths, timings = qregimes.ensure_finetunes(regime, seed, c["base"], c["pre_key"], c["data"]["train"],
@@ -144,14 +156,16 @@ def run_seed(regime, seed, context, log) -> Dict[str, object]:
 def main(args, preset, setup, log) -> Dict[str, object]:
     """``setup`` (from run.py): corpus, texts, tokenizer, models (base, pre_key)."""
     tiny = args.preset == "tiny"
-    regime = (qregimes.TINY if tiny else qregimes.REGIMES)[args.regime]
     began = time.perf_counter()
     load_start = list(os.getloadavg())
-    shape = preset["shape"]
-    limits = {"val": preset["eval_val"], "test": preset["eval_test"], "train": 64 if tiny else 0}
-    data = qregimes.task_data(regime, setup["corpus"], setup["texts"], setup["tokenizer"], shape.seq_len, limits)
-    tasks = qregimes.task_names(regime, setup["corpus"].names)
-    data["train"] = {t: data["train"][t] for t in tasks}
+    regime, data, tasks = _regime_data(args, preset, setup)
+    if getattr(args, "train_only", False):  # fine-tune and cache the models (e.g. for recheck.py), nothing else
+        for seed in (int(s) for s in args.seeds.split(",")):
+            qregimes.ensure_finetunes(regime, seed, setup["models"]["base"], setup["models"]["pre_key"],
+                                      data["train"], setup["corpus"].blocks["train"], setup["corpus"].tokenizer,
+                                      args.workdir / "models", log)
+        log(f"regime {regime.name}: models for seeds {args.seeds} cached in {args.workdir / 'models'}")
+        return {"regime": regime.name, "seeds": args.seeds, "train_only": True}
     eval_sets = _eval_sets(data, setup["corpus"], preset, regime.kind == "skills")
     context = {"base": setup["models"]["base"], "pre_key": setup["models"]["pre_key"], "data": data,
                "corpus": setup["corpus"], "workdir": args.workdir, "scorer": Scorer(setup["models"]["base"],
@@ -168,7 +182,7 @@ def main(args, preset, setup, log) -> Dict[str, object]:
               "seeds": seeds, "tasks": tasks, "general": list(setup["corpus"].names),
               "finetune": asdict(regime.finetune),
               "replay": regime.replay, "lora_rank": regime.lora_rank, "per_seed": per_seed,
-              "eval_blocks": {"val": preset["eval_val"], "test": preset["eval_test"], "seq_len": shape.seq_len},
+              "eval_blocks": {"val": preset["eval_val"], "test": preset["eval_test"], "seq_len": preset["shape"].seq_len},
               "lore_defaults": dict(qmerges.LORE_DEFAULTS),
               "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                           "loadavg_start": load_start, "loadavg_end": list(os.getloadavg())},

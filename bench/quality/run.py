@@ -95,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "without it, the original task/ckpt/pair scenarios")
     parser.add_argument("--seeds", default="0,1", help="training seeds of --regime (default: %(default)s)")
     parser.add_argument("--no-recovery", action="store_true", help="skip the base-recovery solves of --regime")
+    parser.add_argument("--train-only", action="store_true",
+                        help="with --regime: only fine-tune and cache its models for --seeds (what recheck.py needs)")
     return parser.parse_args(argv)
 
 
