@@ -53,7 +53,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from mergekit_lore.svt import LowRank, lowrank_distance
+from mergekit_lore.svt import LowRank
 
 OVERSAMPLE = 10  # sketch columns beyond the kept rank
 HEADROOM = 5  # grow the sketch when fewer free columns are left
@@ -332,7 +332,7 @@ def solve_on_subspaces(
     warm_everywhere = warm_start is not None and len(warm_start) >= n and all(
         w is not None and w.shape[0] == cols for w in warm_start[:n])
     mus = torch.tensor([float(m) for m in thresholds], dtype=torch.float64, device=anchor.device)
-    previous: Optional[List[LowRank]] = None
+    previous_square: Optional[float] = None  # ||previous solution||^2 (the bases are orthonormal: of its Z)
     change, inner = math.inf, 0
     kept = [math.inf] * n  # "the previous step's kept rank": none yet, so the first step may trim
     peak = size
@@ -340,24 +340,20 @@ def solve_on_subspaces(
     tightest = max(tol / INNER_TOL_FACTOR, 1e-12)
     for outer in range(1, max_iter + 1):
         G = _outer_step(products, bases, coupling, mus, restrict_first=warm_everywhere)
+        carried = bases.Z  # the previous solution projected onto this step's bases (zeros at first)
         small_tol = tightest if outer == 1 else max(tightest, min(tol * INNER_TOL_FACTOR, change / INNER_TOL_FACTOR))
-        Z, (u, shrunk, vh), used = _small_fista(G, coupling, mus, bases.Z, small_tol, 5000)
+        Z, pieces, used = _small_fista(G, coupling, mus, carried, small_tol, 5000)
         bases.Z = Z
         inner += used
+        shrunk = pieces[1]
         last_kept, kept = kept, [int((shrunk[i] > 0).sum()) for i in range(n)]
-        dtype = anchor.dtype
-        deltas = [
-            LowRank(bases.U @ (u[i, :, : kept[i]] * shrunk[i, : kept[i]]).to(dtype),
-                    bases.W @ vh[i, : kept[i]].T.to(dtype))
-            for i in range(n)
-        ]
         if max(kept) > size - HEADROOM:
             grown = max(size + size // 2, max(kept) + OVERSAMPLE)
             if grown > limit or n * grown > min(rows, cols):
                 return None
             bases.V = [_orth(torch.cat([v, _random_basis(cols, grown - size, generator, anchor)], dim=1))
                        for v in bases.V]
-            size, previous, change = grown, deltas, math.inf
+            size, previous_square, change = grown, float(Z.pow(2).sum()), math.inf
             peak = max(peak, size)
             continue
         if not trimmed and max(kept) <= max(last_kept) and size - max(kept) > OVERSAMPLE + HEADROOM:
@@ -368,12 +364,12 @@ def solve_on_subspaces(
                 size = target
                 bases.V = [torch.linalg.svd(y, full_matrices=False).U[:, :size] for y in bases.sketches]
                 trimmed = True
-        if previous is not None:
-            change = _relative_change(deltas, previous, float(shrunk.norm()))
+        if previous_square is not None:
+            change = _relative_change(Z, carried, previous_square)
             if change <= tol:
-                return _result(deltas, shrunk, kept, outer, change, True, inner, products, size, peak)
-        previous = deltas
-    return _result(deltas, shrunk, kept, max_iter, change, False, inner, products, size, peak)
+                return _result(bases, pieces, kept, outer, change, True, inner, products, size, peak, anchor.dtype)
+        previous_square = float(Z.pow(2).sum())
+    return _result(bases, pieces, kept, max_iter, change, False, inner, products, size, peak, anchor.dtype)
 
 
 def _near_threshold(restricted: torch.Tensor, mus: torch.Tensor) -> int:
@@ -387,13 +383,28 @@ def _near_threshold(restricted: torch.Tensor, mus: torch.Tensor) -> int:
     return int((squares > (TRIM_FLOOR * mus.view(-1, 1)) ** 2).sum(dim=1).max())
 
 
-def _relative_change(new: Sequence[LowRank], old: Sequence[LowRank], size: float) -> float:
-    """``||new - old|| / size`` over all models; ``size`` = ``||new||``, known from the shrunk values."""
-    step = math.sqrt(sum(float(lowrank_distance(a, b)) ** 2 for a, b in zip(new, old)))
+def _relative_change(new: torch.Tensor, carried: torch.Tensor, previous_square: float) -> float:
+    """``||delta_new - delta_old|| / ||delta_new||`` over all models, from the small matrices alone.
+
+    ``new``: this step's solution ``Z`` (``delta_i = U Z_i W^T``); ``carried``: the previous
+    solution projected onto the same bases, ``U^T delta_old W``; ``previous_square``:
+    ``||delta_old||^2``. The part of ``delta_old`` outside the bases is orthogonal to every
+    ``U A W^T`` (Pythagoras), so ``||delta_new - delta_old||^2 = ||new - carried||^2 +
+    ||delta_old||^2 - ||carried||^2``.
+    """
+    outside = max(previous_square - float(carried.pow(2).sum()), 0.0)
+    step = math.sqrt(float((new - carried).pow(2).sum()) + outside)
+    size = float(new.norm())
     return step / size if size > 0 else (0.0 if step == 0 else math.inf)
 
 
-def _result(deltas, shrunk, kept, iterations, change, converged, inner, products, size, peak) -> SubspaceResult:
+def _result(bases, pieces, kept, iterations, change, converged, inner, products, size, peak, dtype) -> SubspaceResult:
+    """The task vectors as factors ``U (u_i s_i)``, ``W v_i`` of their kept pairs, and the solve's record."""
+    u, shrunk, vh = pieces
+    deltas = [
+        LowRank(bases.U @ (u[i, :, : kept[i]] * shrunk[i, : kept[i]]).to(dtype), bases.W @ vh[i, : kept[i]].T.to(dtype))
+        for i in range(len(kept))
+    ]
     norms = [float(shrunk[i, : kept[i]].sum()) for i in range(len(deltas))]
     return SubspaceResult(deltas, norms, iterations, change, converged, inner, products.passes, products.seconds,
                           size, peak)

@@ -258,3 +258,29 @@ def test_left_products_with_a_mean_anchor_match_the_dense_products():
         assert relative(product.double(), expected) < 1e-5
     plain = ResidualProducts(inputs, mean)
     assert len(plain.left_all(matrix)) == 3 and plain.passes == 3
+
+
+def test_outer_change_from_the_small_matrices_equals_the_dense_distance():
+    from mergekit_lore.subspace import _relative_change
+
+    generator = torch.Generator().manual_seed(31)
+
+    def orthonormal(rows, cols):
+        return torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64)).Q
+
+    rows, cols, old_size, new_size = 90, 70, 12, 15
+    old_u, old_w = orthonormal(rows, old_size), orthonormal(cols, old_size)
+    # the new bases share part of the old ones and add directions of their own
+    new_u = torch.linalg.qr(torch.cat([old_u[:, :8], torch.randn(rows, new_size - 8, generator=generator,
+                                                                  dtype=torch.float64)], dim=1)).Q
+    new_w = torch.linalg.qr(torch.cat([old_w[:, :9], torch.randn(cols, new_size - 9, generator=generator,
+                                                                  dtype=torch.float64)], dim=1)).Q
+    old_z = torch.randn(2, old_size, old_size, generator=generator, dtype=torch.float64)
+    new_z = torch.randn(2, new_size, new_size, generator=generator, dtype=torch.float64)
+    old_dense = [old_u @ z @ old_w.T for z in old_z]
+    new_dense = [new_u @ z @ new_w.T for z in new_z]
+    carried = torch.stack([new_u.T @ d @ new_w for d in old_dense])
+    got = _relative_change(new_z, carried, float(old_z.pow(2).sum()))
+    expected = (sum(float((a - b).pow(2).sum()) for a, b in zip(new_dense, old_dense)) ** 0.5
+                / sum(float(a.pow(2).sum()) for a in new_dense) ** 0.5)
+    assert got == pytest.approx(expected, rel=1e-10)
