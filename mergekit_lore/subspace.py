@@ -28,10 +28,10 @@ fixed and ``S = sum_j delta_j`` low rank. This module never forms ``X_i``:
 If the bases contain the singular subspaces of every ``X_i`` above ``mu_i`` at
 the optimum, the restricted minimiser is the global one (the thresholded part
 of ``X_i`` lives inside them). Outer steps stop when the task vectors change by
-less than ``tol`` (relative). Warm starts (the threshold's Ritz vectors above
-``mu_i``) can be wider than the kept rank (without a base each ``D_i`` also holds
-the other models' updates); when every model has one, the first step keeps only
-the directions of the shared bases that some model's sketch reaches at
+less than ``tol`` (relative). Without a base, warm starts (the threshold's Ritz
+vectors above ``mu_i``) are wider than the kept rank (each ``D_i`` also holds the
+other models' updates); when every model has one, the first step keeps only the
+directions of the shared bases that some model's sketch reaches at
 ``FIRST_STEP_FLOOR * mu_i``. The sketches grow (by half, with fresh random
 columns) when a model's kept rank nears the sketch size; at the first step whose
 kept rank did not grow (the first step counts as such) and sits more than
@@ -59,7 +59,7 @@ OVERSAMPLE = 10  # sketch columns beyond the kept rank
 HEADROOM = 5  # grow the sketch when fewer free columns are left
 FIRST_SKETCH = 2 * OVERSAMPLE  # smallest first sketch (also the threshold block, ``lore``)
 SEED_MARGIN = 6  # first sketch columns beyond the expected kept rank of a warm start
-FIRST_STEP_FLOOR = 0.2  # first step: shared directions below this x mu in every model's sketch are dropped
+FIRST_STEP_FLOOR = 0.2  # base-free first step: shared directions below this x mu in every sketch are dropped
 TRIM_FLOOR = 0.8  # a trimmed sketch keeps the directions whose restricted values pass this x mu
 INNER_TOL_FACTOR = 10  # small solves: loosest tolerance (x tol) and its share of the last outer change
 CPU_BLOCK_ELEMENTS = 1 << 18  # 1 MiB float32 row blocks: stays in cache
@@ -329,7 +329,10 @@ def solve_on_subspaces(
     generator.manual_seed(seed)
     products = ResidualProducts(thetas, anchor, anchor_is_mean)
     bases = _Bases(_initial_bases(warm_start, n, cols, size, generator, anchor))
-    warm_everywhere = warm_start is not None and len(warm_start) >= n and all(
+    # Base-free problem, every model warm-started: the seeds (Ritz vectors of theta_i - mean) also
+    # hold the other models' updates, so the first step's shared bases are pruned. With a base the
+    # seeds are each model's own directions; pruning them measured slower (more outer steps).
+    prune_first = anchor_is_mean and warm_start is not None and len(warm_start) >= n and all(
         w is not None and w.shape[0] == cols for w in warm_start[:n])
     mus = torch.tensor([float(m) for m in thresholds], dtype=torch.float64, device=anchor.device)
     previous_square: Optional[float] = None  # ||previous solution||^2 (the bases are orthonormal: of its Z)
@@ -339,7 +342,7 @@ def solve_on_subspaces(
     trimmed = False  # at most once: a kept rank that still creeps up would otherwise grow and trim in turn
     tightest = max(tol / INNER_TOL_FACTOR, 1e-12)
     for outer in range(1, max_iter + 1):
-        G = _outer_step(products, bases, coupling, mus, restrict_first=warm_everywhere)
+        G = _outer_step(products, bases, coupling, mus, restrict_first=prune_first)
         carried = bases.Z  # the previous solution projected onto this step's bases (zeros at first)
         small_tol = tightest if outer == 1 else max(tightest, min(tol * INNER_TOL_FACTOR, change / INNER_TOL_FACTOR))
         Z, pieces, used = _small_fista(G, coupling, mus, carried, small_tol, 5000)

@@ -284,3 +284,19 @@ def test_outer_change_from_the_small_matrices_equals_the_dense_distance():
     expected = (sum(float((a - b).pow(2).sum()) for a, b in zip(new_dense, old_dense)) ** 0.5
                 / sum(float(a.pow(2).sum()) for a in new_dense) ** 0.5)
     assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_warm_started_anchored_solve_matches_the_float64_reference():
+    from mergekit_lore.lore import resolve_thresholds
+
+    # with a base the seeds are each model's own directions; the first step keeps the whole union
+    base, thetas = family(2, 6, 0.05, seed=17)
+    seeds = []
+    mus = resolve_thresholds([t.float() for t in thetas], base.float(), [None, None], [0.2, 0.2], seeds=seeds)
+    assert all(s is not None for s in seeds)
+    solution = solve_lore([t.float() for t in thetas], mus, base=base.float(), base_weight=1.0, warm_start=seeds)
+    assert solution.backends == ["subspace"] and solution.converged
+    theta0_ref, deltas_ref = reference.solve(thetas, mus, base=base, beta=1.0)
+    assert relative(merged(solution), theta0_ref + 0.6 * sum(deltas_ref)) < 1e-4
+    for i in range(2):
+        assert relative(solution.delta(i).double(), deltas_ref[i]) < 1e-3
