@@ -92,10 +92,14 @@ class ResidualProducts:
 
     def _blocks(self, index: int):
         theta = self.thetas[index]
+        same_dtype = theta.dtype == self.buffer.dtype
         for start in range(0, self.anchor.shape[0], self.block):
             stop = min(start + self.block, self.anchor.shape[0])
             chunk = self.buffer[: stop - start]
-            chunk.copy_(theta[start:stop]).sub_(self.anchor[start:stop])
+            if same_dtype:  # one pass (a mixed-dtype subtraction into ``out`` is slower than copy, then sub)
+                torch.sub(theta[start:stop], self.anchor[start:stop], out=chunk)
+            else:
+                chunk.copy_(theta[start:stop]).sub_(self.anchor[start:stop])
             yield start, stop, chunk
 
     def right(self, index: int, matrix: torch.Tensor) -> torch.Tensor:
