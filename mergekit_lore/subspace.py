@@ -247,7 +247,7 @@ def _significant(coordinates: torch.Tensor, width: int, mus: torch.Tensor) -> to
     return directions[:, -passing:].flip(1)
 
 
-def _outer_step(products, bases: _Bases, coupling: float, mus: torch.Tensor, restrict_first: bool):
+def _outer_step(products, bases: _Bases, coupling: float, mus: torch.Tensor, prune_first: bool):
     """One subspace iteration per model on ``X_i = D_i + c S``, then shared bases and ``U^T D_i W``.
 
     ``S = U_old Z_sum W_old^T`` enters through its factors only. One QR of the
@@ -276,7 +276,7 @@ def _outer_step(products, bases: _Bases, coupling: float, mus: torch.Tensor, res
         bases.sketches.append(xt @ coordinates[i])  # X_i^T Q_i
         V.append(_orth(bases.sketches[-1]))
     W = _orth(torch.cat(V, dim=1))
-    if bases.Z is None and restrict_first:  # only the directions some warm sketch holds at FIRST_STEP_FLOOR x mu
+    if bases.Z is None and prune_first:  # only the directions some warm sketch holds at FIRST_STEP_FLOOR x mu
         left_keep = _significant(stacked, width, mus)
         right_keep = _significant(W.T @ torch.cat(bases.sketches, dim=1), width, mus)
         U, W = U @ left_keep, W @ right_keep
@@ -346,7 +346,7 @@ def solve_on_subspaces(
     trimmed = False  # at most once: a kept rank that still creeps up would otherwise grow and trim in turn
     tightest = max(tol / INNER_TOL_FACTOR, 1e-12)
     for outer in range(1, max_iter + 1):
-        G = _outer_step(products, bases, coupling, mus, restrict_first=prune_first)
+        G = _outer_step(products, bases, coupling, mus, prune_first=prune_first)
         carried = bases.Z  # the previous solution projected onto this step's bases (zeros at first)
         small_tol = tightest if outer == 1 else max(tightest, min(tol * INNER_TOL_FACTOR, change / INNER_TOL_FACTOR))
         Z, pieces, used = _small_fista(G, coupling, mus, carried, small_tol, 5000)
