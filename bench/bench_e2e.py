@@ -23,9 +23,10 @@ One script, one run:
    ``TensorWriterTask`` / ``FinalizeModel``) and ``other`` (the rest of
    ``run_merge``: architecture lookup, planning, config/tokenizer copy). Inside
    ``merge``, ``LoreMerge.merge_group`` is split into ``svt`` (calls of
-   ``mergekit_lore.svt.svt`` made by the solver), ``thresholds``
-   (``spectral_norm`` for ``mu_ratio``) and the rest (solver bookkeeping,
-   combine, dtype casts). ``linear`` and ``ties`` are split the same way for
+   ``mergekit_lore.svt.svt`` made by the dense solver), ``thresholds``
+   (``top_singular`` for ``mu_ratio``), matrix-free products
+   (``ResidualProducts``), small solves (the batched FISTA, restricted or on
+   whole small matrices) and the rest (solver bookkeeping, combine, dtype casts). ``linear`` and ``ties`` are split the same way for
    comparison. The in-process totals exclude interpreter start-up and imports,
    which the subprocess times include.
 
@@ -553,7 +554,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             "`TensorWriterTask` + `FinalizeModel`; other = the rest of `run_merge` (architecture lookup, planning, "
             "config and tokenizer files). Parts of merge for lore: dense SVT = `svt` calls of the dense (fallback) "
             "solver, thresholds = `top_singular` for `mu_ratio`, matrix-free products = `ResidualProducts` passes of "
-            "the subspace solve, small solves = its restricted FISTA; the rest of merge is thin QRs, convergence "
+            "the subspace solve, small solves = its restricted FISTA (and the same FISTA on whole small matrices, "
+            "backend `whole`); the rest of merge is thin QRs, convergence "
             "checks, the anchored mean, finite checks and the combine. Iterations (outer steps)/backends/ranks are "
             "per solved matrix, from `solve_lore`.",
             "",

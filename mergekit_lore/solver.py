@@ -50,7 +50,7 @@ from mergekit_lore.svt import (
     lowrank_norm,
     svt,
 )
-from mergekit_lore.subspace import block_rows, solve_on_subspaces
+from mergekit_lore.subspace import WHOLE_PROBLEM_ELEMENTS, block_rows, solve_on_subspaces, solve_whole
 
 Solver = Literal["cd", "fista"]
 SOLVERS = ("cd", "fista")
@@ -182,6 +182,8 @@ def solve_lore(
         solution = _solve_matrix_free(thetas, thresholds, anchor, coupling, beta, options, warm_start)
         if solution is not None:
             return solution
+        if options.svt_backend == "auto" and n * anchor.numel() <= WHOLE_PROBLEM_ELEMENTS:
+            return _solve_whole(thetas, thresholds, base, anchor, coupling, beta, options)
     return _solve_dense(thetas, thresholds, base, anchor, coupling, beta, options, stats)
 
 
@@ -222,6 +224,19 @@ def _solve_matrix_free(thetas, thresholds, anchor, coupling, beta, options, warm
         iterations=fast.iterations, rel_change=fast.rel_change, converged=fast.converged,
         backends=["subspace"], svt_seconds=time.perf_counter() - began - fast.pass_seconds,
         nuclear_norms=fast.nuclear_norms,
+    )
+
+
+def _solve_whole(thetas, thresholds, base, anchor, coupling, beta, options) -> LoreSolution:
+    """Small matrices the sketches cannot hold: the batched float64 FISTA on the whole matrices."""
+    began = time.perf_counter()
+    whole = solve_whole(thetas, thresholds, anchor, coupling, tol=options.tol, max_iter=options.max_iter,
+                        start_from=base)
+    return LoreSolution(
+        anchor=anchor, coupling=coupling, deltas=whole.deltas,
+        thresholds=[float(t) for t in thresholds], base_weight=float(beta),
+        iterations=whole.iterations, rel_change=whole.rel_change, converged=whole.converged,
+        backends=["whole"], svt_seconds=time.perf_counter() - began, nuclear_norms=whole.nuclear_norms,
     )
 
 

@@ -64,6 +64,7 @@ TRIM_FLOOR = 0.8  # a trimmed sketch keeps the directions whose restricted value
 INNER_TOL_FACTOR = 10  # small solves: loosest tolerance (x tol) and its share of the last outer change
 CPU_BLOCK_ELEMENTS = 1 << 18  # 1 MiB float32 row blocks: stays in cache
 CUDA_BLOCK_ELEMENTS = 1 << 27  # on a GPU one large block (few kernel launches)
+WHOLE_PROBLEM_ELEMENTS = 1 << 22  # n * m * k up to which ``solve_whole`` replaces the per-model dense loop
 
 
 def block_rows(matrix: torch.Tensor) -> int:
@@ -192,21 +193,24 @@ def _batched_svt(M: torch.Tensor, mu: torch.Tensor):
     return (u * shrunk.unsqueeze(1)) @ vh, (u, shrunk, vh)
 
 
-def _small_fista(G, coupling, mus, Z, tol, max_iter):
+def _small_fista(G, coupling, mus, Z, tol, max_iter, first=None):
     """FISTA on the restricted problem: ``Z_i <- SVT_{mu_i}(G_i + c * sum_j Z_j)``.
 
     All models share one pair of bases, so the coupling is a plain sum. float64,
-    batched over models. Returns the solution, its SVD pieces and the iteration count.
+    batched over models. ``first``: optional input of the first SVT in place of
+    ``G + c * sum_j Z_j`` (a start from the base). Returns the solution, its SVD pieces, the iteration count and
+    the last relative step ``||Z_k - Z_{k-1}|| / ||Z_k||``.
     """
-    point, momentum = Z, 1.0
+    point, momentum, change = Z, 1.0, math.inf
     mu = mus.view(-1, 1)
     for k in range(1, max_iter + 1):
-        M = G + coupling * point.sum(dim=0, keepdim=True)
+        M = first if k == 1 and first is not None else G + coupling * point.sum(dim=0, keepdim=True)
         new, (u, shrunk, vh) = _batched_svt(M, mu)
         step = float((new - Z).norm())
         size = float(new.norm())
-        if step <= tol * size or (size == 0.0 and step == 0.0):
-            return new, (u, shrunk, vh), k
+        change = step / size if size > 0 else (0.0 if step == 0.0 else math.inf)
+        if change <= tol:
+            return new, (u, shrunk, vh), k, change
         if float(((point - new) * (new - Z)).sum()) > 0:  # restart (O'Donoghue & Candes)
             momentum, point, Z = 1.0, new, new
             continue
@@ -215,7 +219,7 @@ def _small_fista(G, coupling, mus, Z, tol, max_iter):
         momentum = following
         point = new + weight * (new - Z)
         Z = new
-    return new, (u, shrunk, vh), max_iter
+    return new, (u, shrunk, vh), max_iter, change
 
 
 class _Bases:
@@ -349,7 +353,7 @@ def solve_on_subspaces(
         G = _outer_step(products, bases, coupling, mus, prune_first=prune_first)
         carried = bases.Z  # the previous solution projected onto this step's bases (zeros at first)
         small_tol = tightest if outer == 1 else max(tightest, min(tol * INNER_TOL_FACTOR, change / INNER_TOL_FACTOR))
-        Z, pieces, used = _small_fista(G, coupling, mus, carried, small_tol, 5000)
+        Z, pieces, used, _ = _small_fista(G, coupling, mus, carried, small_tol, 5000)
         bases.Z = Z
         inner += used
         shrunk = pieces[1]
@@ -377,6 +381,49 @@ def solve_on_subspaces(
                 return _result(bases, pieces, kept, outer, change, True, inner, products, size, peak, anchor.dtype)
         previous_square = float(Z.pow(2).sum())
     return _result(bases, pieces, kept, max_iter, change, False, inner, products, size, peak, anchor.dtype)
+
+
+def solve_whole(
+    thetas: Sequence[torch.Tensor],
+    thresholds: Sequence[float],
+    anchor: torch.Tensor,
+    coupling: float,
+    *,
+    tol: float,
+    max_iter: int,
+    start_from: Optional[torch.Tensor] = None,
+) -> SubspaceResult:
+    """The same FISTA as the restricted solve, on the whole matrices (identity bases).
+
+    For small matrices whose kept rank is too high for sketches (``solve_on_subspaces``
+    gave None): ``D_i = theta_i - anchor`` are stacked in float64, oriented so that the
+    Gram eigh runs on the short side, and every model's SVT of an iteration is one
+    batched call. Same iterates and stopping rule (relative change of the task vectors
+    at most ``tol``) as the per-model dense loop of ``solver``, in float64; like it, the
+    first iterate is ``SVT_{mu_i}(theta_i - start_from)`` when a base is given.
+    Memory: about six float64 copies of the n stacked matrices (``WHOLE_PROBLEM_ELEMENTS``
+    bounds them).
+    """
+    wide = anchor.shape[0] < anchor.shape[1]
+    centre = anchor.double()
+    G = torch.stack([theta.double() - centre for theta in thetas])
+    if wide:
+        G = G.transpose(1, 2)
+    mus = torch.tensor([float(m) for m in thresholds], dtype=torch.float64, device=anchor.device)
+    first = None
+    if start_from is not None:
+        shift = centre - start_from.double()  # G_i + shift = theta_i - start_from
+        first = G + (shift.T if wide else shift)
+    Z, (u, shrunk, vh), used, change = _small_fista(G, coupling, mus, torch.zeros_like(G), tol, max_iter, first)
+    deltas, norms = [], []
+    for i in range(len(thetas)):
+        kept = int((shrunk[i] > 0).sum())
+        scaled = (u[i, :, :kept] * shrunk[i, :kept]).to(anchor.dtype)  # G_i's orientation: scaled @ vh_i
+        right = vh[i, :kept].T.to(anchor.dtype)
+        deltas.append(LowRank(right, scaled) if wide else LowRank(scaled, right))
+        norms.append(float(shrunk[i, :kept].sum()))
+    converged = change <= tol
+    return SubspaceResult(deltas, norms, used, change, converged, used, 0, 0.0, min(anchor.shape), min(anchor.shape))
 
 
 def _near_threshold(restricted: torch.Tensor, mus: torch.Tensor) -> int:

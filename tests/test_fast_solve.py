@@ -128,15 +128,34 @@ def test_fast_path_output_does_not_depend_on_memory_layout():
     assert relative(merged(b), merged(a)) < 1e-6
 
 
-def test_bulk_threshold_falls_back_to_the_dense_solver_and_stays_exact():
-    # threshold inside the noise bulk: the kept rank passes a quarter of the short side
-    _, thetas = family(3, 2, 3.0, seed=5)
-    mus = thresholds_for(thetas, sum(thetas) / 3, ratio=0.3)
-    solution = solve_lore([t.float() for t in thetas], mus, options=SolveOptions(tol=1e-6, max_iter=2000))
-    assert "subspace" not in solution.backends
-    assert max(solution.ranks) > min(ROWS, COLS) // 4
-    theta0_ref, deltas_ref = reference.solve(thetas, mus)
-    assert relative(merged(solution), theta0_ref + 0.6 * sum(deltas_ref)) < 1e-4
+@pytest.mark.parametrize("mode, tall", [("no-base", False), ("anchor", True), ("init", False)],
+                         ids=["no-base-wide", "anchor-tall", "init-wide"])
+def test_small_bulk_problems_are_solved_whole_and_match_the_dense_loop_and_the_reference(mode, tall, monkeypatch):
+    import mergekit_lore.solver as solver_module
+
+    base, thetas = family(3, 2, 3.0, seed=5)  # threshold in the noise bulk: no sketch holds the kept rank
+    if tall:
+        base, thetas = base.T.contiguous(), [t.T.contiguous() for t in thetas]
+    beta = 1.0 if mode == "anchor" else 0.0
+    mus = thresholds_for(thetas, sum(thetas) / 3 if mode == "no-base" else base, ratio=0.3)
+    kwargs = {} if mode == "no-base" else dict(base=base.float(), base_weight=beta)
+    inputs = [t.float() for t in thetas]
+    whole = solve_lore(inputs, mus, options=SolveOptions(tol=1e-6, max_iter=2000), **kwargs)
+    assert whole.backends == ["whole"] and whole.converged
+    assert max(whole.ranks) > min(ROWS, COLS) // 4
+    theta0_ref, deltas_ref = reference.solve(thetas, mus, base=base if mode == "anchor" else None, beta=beta)
+    assert relative(merged(whole), theta0_ref + 0.6 * sum(deltas_ref)) < 1e-5
+    # at the default tol, the same iterates as the per-model float32 dense loop
+    default_whole = solve_lore(inputs, mus, **kwargs)
+    monkeypatch.setattr(solver_module, "WHOLE_PROBLEM_ELEMENTS", 0)
+    loop = solve_lore(inputs, mus, **kwargs)
+    assert default_whole.backends == ["whole"] and loop.backends == ["gram"]
+    assert default_whole.iterations == loop.iterations
+    assert relative(merged(default_whole), merged(loop)) < 1e-5
+    for i in range(3):
+        assert whole.deltas[i].shape == thetas[i].shape
+        assert relative(whole.delta(i).double(), deltas_ref[i]) < 1e-4
+        assert whole.nuclear_norms[i] == pytest.approx(reference.nuclear_norm(deltas_ref[i]), rel=1e-4)
 
 
 def test_loose_threshold_norm_and_its_block():
@@ -185,7 +204,7 @@ def test_two_models_without_a_base_share_one_spectrum_and_its_seeds():
     assert float((seeds[1].double().T @ v).norm() ** 2) == pytest.approx(seeds[0].shape[1], abs=1e-2)
 
 
-def test_a_warm_start_past_the_sketch_limit_goes_straight_to_the_dense_solver():
+def test_a_warm_start_past_the_sketch_limit_goes_straight_to_the_whole_matrix_solve():
     from mergekit_lore.solver import anchored_mean
     from mergekit_lore.subspace import SEED_MARGIN, solve_on_subspaces
 
@@ -198,9 +217,9 @@ def test_a_warm_start_past_the_sketch_limit_goes_straight_to_the_dense_solver():
     assert solve_on_subspaces(thetas, mus, anchor, 1 / 3, tol=1e-4, max_iter=50, seed=0, warm_start=wide) is None
     narrow = [w[:, :4] for w in wide]
     assert solve_on_subspaces(thetas, mus, anchor, 1 / 3, tol=1e-4, max_iter=50, seed=0, warm_start=narrow) is not None
-    # solve_lore then takes the dense path and still finds the minimiser
+    # solve_lore then solves the (small) problem whole and still finds the minimiser
     solution = solve_lore(thetas, mus, options=SolveOptions(tol=1e-6, max_iter=2000), warm_start=wide)
-    assert "subspace" not in solution.backends
+    assert solution.backends == ["whole"]
     theta0_ref, deltas_ref = reference.solve([t.double() for t in thetas], mus)
     assert relative(merged(solution), theta0_ref + 0.6 * sum(deltas_ref)) < 1e-4
 
