@@ -20,10 +20,11 @@ fixed and ``S = sum_j delta_j`` low rank. This module never forms ``X_i``:
    restricted to these subspaces is the same LoRE problem on small ``P x P``
    matrices ``U^T D_i W`` (the bases are orthonormal, so norms are preserved);
    it is solved by FISTA (Beck & Teboulle 2009) with gradient restarts
-   (O'Donoghue & Candes 2015) and batched float64 SVTs from Gram eigenpairs, to
-   ``tol / 10`` at the end and more loosely while the outer steps still move.
-   The slow (flat) directions of the LoRE objective therefore cost small-matrix
-   iterations only, not passes over the weights.
+   (O'Donoghue & Candes 2015) and batched float64 SVTs from Gram eigenpairs
+   (the eigenpairs in float32 for a float32 problem solved no tighter than
+   ``FLOAT32_EIGH_MIN_TOL``), to ``tol / 10`` at the end and more loosely while
+   the outer steps still move. The slow (flat) directions of the LoRE objective
+   therefore cost small-matrix iterations only, not passes over the weights.
 
 If the bases contain the singular subspaces of every ``X_i`` above ``mu_i`` at
 the optimum, the restricted minimiser is the global one (the thresholded part
@@ -38,8 +39,10 @@ kept rank did not grow (the first step counts as such) and sits more than
 ``OVERSAMPLE + HEADROOM`` columns below the sketch, they are cut back, once, to
 their leading Ritz directions: as many as the restricted ``X_i`` have singular
 values above ``TRIM_FLOOR * mu_i``, plus ``OVERSAMPLE``, and never wider than
-they were. The caller falls back to the dense solver when they would pass a
-quarter of the short side (then the spectrum is not low rank).
+they were. The caller falls back when they would pass a quarter of the short
+side (then the spectrum is not low rank): small problems are solved whole by the
+same batched FISTA with identity bases (``solve_whole``), larger ones by the
+dense solver.
 
 Pure torch, no mergekit imports.
 """
@@ -403,9 +406,10 @@ def solve_whole(
     For small matrices whose kept rank is too high for sketches (``solve_on_subspaces``
     gave None): ``D_i = theta_i - anchor`` are stacked in float64, oriented so that the
     Gram eigh runs on the short side, and every model's SVT of an iteration is one
-    batched call. Same iterates and stopping rule (relative change of the task vectors
-    at most ``tol``) as the per-model dense loop of ``solver``, in float64; like it, the
-    first iterate is ``SVT_{mu_i}(theta_i - start_from)`` when a base is given.
+    batched call. Same iterates (up to round-off) and stopping rule (relative change
+    of the task vectors at most ``tol``) as the per-model dense loop of ``solver``, in
+    float64 (eigenpairs as in ``_batched_svt``); like it, the first iterate is
+    ``SVT_{mu_i}(theta_i - start_from)`` when a base is given.
     Memory: about six float64 copies of the n stacked matrices (``WHOLE_PROBLEM_ELEMENTS``
     bounds them).
     """
