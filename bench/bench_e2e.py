@@ -26,9 +26,10 @@ One script, one run:
    ``mergekit_lore.svt.svt`` made by the dense solver), ``thresholds``
    (``top_singular`` for ``mu_ratio``), matrix-free products
    (``ResidualProducts``), small solves (the batched FISTA, restricted or on
-   whole small matrices) and the rest (solver bookkeeping, combine, dtype casts). ``linear`` and ``ties`` are split the same way for
-   comparison. The in-process totals exclude interpreter start-up and imports,
-   which the subprocess times include.
+   whole small matrices) and the rest (solver bookkeeping, combine, dtype
+   casts). ``linear`` and ``ties`` are split the same way for comparison.
+   The in-process totals exclude interpreter start-up and imports, which the
+   subprocess times include.
 
 ``--profile DIR`` also writes a cProfile of every in-process ``lore`` run.
 

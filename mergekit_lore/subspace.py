@@ -68,7 +68,7 @@ INNER_TOL_FACTOR = 10  # small solves: loosest tolerance (x tol) and its share o
 CPU_BLOCK_ELEMENTS = 1 << 18  # 1 MiB float32 row blocks: stays in cache
 CUDA_BLOCK_ELEMENTS = 1 << 27  # on a GPU one large block (few kernel launches)
 FLOAT32_EIGH_MIN_TOL = 1e-4  # small solves at least this loose (100x the float32 eigh's 1e-6) use it
-WHOLE_PROBLEM_ELEMENTS = 1 << 22  # n * m * k up to which ``solve_whole`` replaces the per-model dense loop
+WHOLE_PROBLEM_ELEMENTS = 1 << 20  # n * m * k up to which ``solve_whole`` replaces the per-model dense loop (memory)
 
 
 def block_rows(matrix: torch.Tensor) -> int:
@@ -205,8 +205,9 @@ def _small_fista(G, coupling, mus, Z, tol, max_iter, first=None, eigh_dtype=torc
 
     All models share one pair of bases, so the coupling is a plain sum. float64,
     batched over models (``eigh_dtype``: see ``_batched_svt``). ``first``: optional
-    input of the first SVT in place of ``G + c * sum_j Z_j`` (a start from the base). Returns the solution, its SVD pieces, the iteration count and
-    the last relative step ``||Z_k - Z_{k-1}|| / ||Z_k||``.
+    input of the first SVT in place of ``G + c * sum_j Z_j`` (a start from the base).
+    Returns the solution, its SVD pieces, the iteration count and the last relative
+    step ``||Z_k - Z_{k-1}|| / ||Z_k||``.
     """
     point, momentum, change = Z, 1.0, math.inf
     mu = mus.view(-1, 1)
@@ -410,8 +411,8 @@ def solve_whole(
     of the task vectors at most ``tol``) as the per-model dense loop of ``solver``, in
     float64 (eigenpairs as in ``_batched_svt``); like it, the first iterate is
     ``SVT_{mu_i}(theta_i - start_from)`` when a base is given.
-    Memory: about six float64 copies of the n stacked matrices (``WHOLE_PROBLEM_ELEMENTS``
-    bounds them).
+    Memory: several float64 copies of the n stacked matrices, 2-3x the dense loop's peak
+    (``WHOLE_PROBLEM_ELEMENTS`` bounds them: about 125 MiB at its limit).
     """
     wide = anchor.shape[0] < anchor.shape[1]
     centre = anchor.double()
