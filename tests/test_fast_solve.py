@@ -158,6 +158,30 @@ def test_small_bulk_problems_are_solved_whole_and_match_the_dense_loop_and_the_r
         assert whole.nuclear_norms[i] == pytest.approx(reference.nuclear_norm(deltas_ref[i]), rel=1e-4)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("path", ["subspace", "whole", "dense"])
+def test_each_solve_path_on_cuda_matches_the_reference(path, monkeypatch):
+    import mergekit_lore.solver as solver_module
+
+    if path == "subspace":  # a planted low rank: the sketches hold it
+        _, thetas = family(3, 6, 0.3, seed=40, rows=96, cols=128)
+        mus, tol, bound = thresholds_for(thetas, sum(thetas) / 3), 1e-3, 1e-3
+    else:  # threshold in the noise bulk: the fallbacks
+        _, thetas = family(3, 2, 3.0, seed=41, rows=96, cols=128)
+        mus, tol, bound = thresholds_for(thetas, sum(thetas) / 3, ratio=0.3), 1e-6, 1e-4
+        if path == "dense":
+            monkeypatch.setattr(solver_module, "WHOLE_PROBLEM_ELEMENTS", 0)
+    solution = solve_lore([t.float().cuda() for t in thetas], mus, options=SolveOptions(tol=tol, max_iter=2000))
+    if path == "dense":
+        assert not {"subspace", "whole"} & set(solution.backends)
+    else:
+        assert solution.backends == [path]
+    assert solution.converged and solution.deltas[0].left.is_cuda
+    theta0_ref, deltas_ref = reference.solve(thetas, mus)
+    assert relative(merged(solution).cpu(), theta0_ref + 0.6 * sum(deltas_ref)) < bound
+
+
 def test_loose_threshold_norm_and_its_block():
     _, thetas = family(1, 6, 0.3, seed=8)
     x = thetas[0] - thetas[0].mean()
