@@ -218,13 +218,7 @@ def _solve_matrix_free(thetas, thresholds, anchor, coupling, beta, options, warm
     )
     if fast is None:
         return None
-    return LoreSolution(
-        anchor=anchor, coupling=coupling, deltas=fast.deltas,
-        thresholds=[float(t) for t in thresholds], base_weight=float(beta),
-        iterations=fast.iterations, rel_change=fast.rel_change, converged=fast.converged,
-        backends=["subspace"], svt_seconds=time.perf_counter() - began - fast.pass_seconds,
-        nuclear_norms=fast.nuclear_norms,
-    )
+    return _subspace_solution(fast, "subspace", began, anchor, coupling, thresholds, beta)
 
 
 def _solve_whole(thetas, thresholds, base, anchor, coupling, beta, options) -> LoreSolution:
@@ -232,11 +226,17 @@ def _solve_whole(thetas, thresholds, base, anchor, coupling, beta, options) -> L
     began = time.perf_counter()
     whole = solve_whole(thetas, thresholds, anchor, coupling, tol=options.tol, max_iter=options.max_iter,
                         start_from=base)
+    return _subspace_solution(whole, "whole", began, anchor, coupling, thresholds, beta)
+
+
+def _subspace_solution(result, backend: str, began: float, anchor, coupling, thresholds, beta) -> LoreSolution:
+    """``LoreSolution`` of a ``subspace`` solve; ``svt_seconds``: its time outside passes over the weights."""
     return LoreSolution(
-        anchor=anchor, coupling=coupling, deltas=whole.deltas,
+        anchor=anchor, coupling=coupling, deltas=result.deltas,
         thresholds=[float(t) for t in thresholds], base_weight=float(beta),
-        iterations=whole.iterations, rel_change=whole.rel_change, converged=whole.converged,
-        backends=["whole"], svt_seconds=time.perf_counter() - began, nuclear_norms=whole.nuclear_norms,
+        iterations=result.iterations, rel_change=result.rel_change, converged=result.converged,
+        backends=[backend], svt_seconds=time.perf_counter() - began - result.pass_seconds,
+        nuclear_norms=result.nuclear_norms,
     )
 
 

@@ -387,9 +387,9 @@ def solve_on_subspaces(
         if previous_square is not None:
             change = _relative_change(Z, carried, previous_square)
             if change <= tol:
-                return _result(bases, pieces, kept, outer, change, True, inner, products, size, peak, anchor.dtype)
+                return _result(bases, pieces, outer, change, True, inner, products, size, peak, anchor.dtype)
         previous_square = float(Z.pow(2).sum())
-    return _result(bases, pieces, kept, max_iter, change, False, inner, products, size, peak, anchor.dtype)
+    return _result(bases, pieces, max_iter, change, False, inner, products, size, peak, anchor.dtype)
 
 
 def solve_whole(
@@ -424,15 +424,13 @@ def solve_whole(
     if start_from is not None:
         shift = centre - start_from.double()  # G_i + shift = theta_i - start_from
         first = G + (shift.T if wide else shift)
-    Z, (u, shrunk, vh), used, change = _small_fista(G, coupling, mus, torch.zeros_like(G), tol, max_iter, first,
-                                                    _eigh_dtype(anchor.dtype, tol))
+    _, pieces, used, change = _small_fista(G, coupling, mus, torch.zeros_like(G), tol, max_iter, first,
+                                           _eigh_dtype(anchor.dtype, tol))
     deltas, norms = [], []
     for i in range(len(thetas)):
-        kept = int((shrunk[i] > 0).sum())
-        scaled = (u[i, :, :kept] * shrunk[i, :kept]).to(anchor.dtype)  # G_i's orientation: scaled @ vh_i
-        right = vh[i, :kept].T.to(anchor.dtype)
+        scaled, right, norm = _kept_pairs(pieces, i, anchor.dtype)  # G_i = scaled @ right^T
         deltas.append(LowRank(right, scaled) if wide else LowRank(scaled, right))
-        norms.append(float(shrunk[i, :kept].sum()))
+        norms.append(norm)
     converged = change <= tol
     return SubspaceResult(deltas, norms, used, change, converged, used, 0, 0.0, min(anchor.shape), min(anchor.shape))
 
@@ -468,13 +466,21 @@ def _relative_change(new: torch.Tensor, carried: torch.Tensor, previous_square: 
     return step / size if size > 0 else (0.0 if step == 0 else math.inf)
 
 
-def _result(bases, pieces, kept, iterations, change, converged, inner, products, size, peak, dtype) -> SubspaceResult:
-    """The task vectors as factors ``U (u_i s_i)``, ``W v_i`` of their kept pairs, and the solve's record."""
+def _kept_pairs(pieces, index: int, dtype: torch.dtype):
+    """Model ``index``'s kept pairs of a batched SVT (``_batched_svt`` pieces): ``u s``, ``v`` in
+    ``dtype`` (the shrunk matrix is ``(u s) v^T``) and its nuclear norm."""
     u, shrunk, vh = pieces
-    deltas = [
-        LowRank(bases.U @ (u[i, :, : kept[i]] * shrunk[i, : kept[i]]).to(dtype), bases.W @ vh[i, : kept[i]].T.to(dtype))
-        for i in range(len(kept))
-    ]
-    norms = [float(shrunk[i, : kept[i]].sum()) for i in range(len(deltas))]
+    kept = int((shrunk[index] > 0).sum())
+    scaled = (u[index, :, :kept] * shrunk[index, :kept]).to(dtype)
+    return scaled, vh[index, :kept].T.to(dtype), float(shrunk[index, :kept].sum())
+
+
+def _result(bases, pieces, iterations, change, converged, inner, products, size, peak, dtype) -> SubspaceResult:
+    """The task vectors as factors ``U (u_i s_i)``, ``W v_i`` of their kept pairs, and the solve's record."""
+    deltas, norms = [], []
+    for i in range(pieces[0].shape[0]):
+        scaled, right, norm = _kept_pairs(pieces, i, dtype)
+        deltas.append(LowRank(bases.U @ scaled, bases.W @ right))
+        norms.append(norm)
     return SubspaceResult(deltas, norms, iterations, change, converged, inner, products.passes, products.seconds,
                           size, peak)
