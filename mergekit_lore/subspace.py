@@ -65,6 +65,7 @@ SEED_MARGIN = 6  # first sketch columns beyond the expected kept rank of a warm 
 FIRST_STEP_FLOOR = 0.2  # base-free first step: shared directions below this x mu in every sketch are dropped
 TRIM_FLOOR = 0.8  # a trimmed sketch keeps the directions whose restricted values pass this x mu
 INNER_TOL_FACTOR = 10  # small solves: loosest tolerance (x tol) and its share of the last outer change
+LOOSEST_INNER_TOL = 1e-2  # and never looser than this: kept ranks of a looser solve overshoot (they decide growth)
 CPU_BLOCK_ELEMENTS = 1 << 18  # 1 MiB float32 row blocks: stays in cache
 CUDA_BLOCK_ELEMENTS = 1 << 27  # on a GPU one large block (few kernel launches)
 FLOAT32_EIGH_MIN_TOL = 1e-4  # small solves at least this loose (100x the float32 eigh's 1e-6) use it
@@ -331,8 +332,8 @@ def solve_on_subspaces(
     The small solves are inexact while the outer steps still move (Yao & Kwok
     2015): after the first step their tolerance is a tenth of the last outer
     change, between ``tol / 10`` and ``10 * tol`` (the loosest right after the
-    sketch grew); the first step is solved to ``tol / 10``, since it may be
-    the last but one.
+    sketch grew) but never looser than ``LOOSEST_INNER_TOL``; the first step is
+    solved to ``tol / 10``, since it may be the last but one.
     """
     n = len(thetas)
     rows, cols = anchor.shape
@@ -360,7 +361,8 @@ def solve_on_subspaces(
     for outer in range(1, max_iter + 1):
         G = _outer_step(products, bases, coupling, mus, prune_first=prune_first)
         carried = bases.Z  # the previous solution projected onto this step's bases (zeros at first)
-        small_tol = tightest if outer == 1 else max(tightest, min(tol * INNER_TOL_FACTOR, change / INNER_TOL_FACTOR))
+        loosest = max(tightest, min(tol * INNER_TOL_FACTOR, LOOSEST_INNER_TOL))
+        small_tol = tightest if outer == 1 else max(tightest, min(loosest, change / INNER_TOL_FACTOR))
         Z, pieces, used, _ = _small_fista(G, coupling, mus, carried, small_tol, 5000,
                                           eigh_dtype=_eigh_dtype(anchor.dtype, small_tol))
         bases.Z = Z
