@@ -125,7 +125,7 @@ def make_configs(family: Dict[str, object], inputs: int, dtype: str) -> List[Con
                           lore_config_yaml(models, parameters={"solver": "cd"}, dtype=dtype)))
     configs.append(Config("lore base_model (anchor)", "lore", inputs,
                           lore_config_yaml(models, base=base, dtype=dtype)))
-    # a tighter stopping tolerance (the default until this release), to show what tol costs and buys (see bench/results)
+    # a tighter stopping tolerance than the default, to show what tol costs and buys (see bench/results)
     configs.append(Config("lore tol=1e-4 (no base)", "lore", inputs,
                           lore_config_yaml(models, parameters={"tol": 1e-4}, dtype=dtype)))
     configs.append(Config("lore base_model tol=1e-4", "lore", inputs,

@@ -358,10 +358,10 @@ def solve_on_subspaces(
     peak = size
     trimmed = False  # at most once: a kept rank that still creeps up would otherwise grow and trim in turn
     tightest = max(tol / INNER_TOL_FACTOR, 1e-12)
+    loosest = max(tightest, min(tol * INNER_TOL_FACTOR, LOOSEST_INNER_TOL))
     for outer in range(1, max_iter + 1):
         G = _outer_step(products, bases, coupling, mus, prune_first=prune_first)
         carried = bases.Z  # the previous solution projected onto this step's bases (zeros at first)
-        loosest = max(tightest, min(tol * INNER_TOL_FACTOR, LOOSEST_INNER_TOL))
         small_tol = tightest if outer == 1 else max(tightest, min(loosest, change / INNER_TOL_FACTOR))
         Z, pieces, used, _ = _small_fista(G, coupling, mus, carried, small_tol, 5000,
                                           eigh_dtype=_eigh_dtype(anchor.dtype, small_tol))
