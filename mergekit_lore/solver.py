@@ -64,7 +64,7 @@ class SolveOptions:
 
     solver: Solver = "fista"
     max_iter: int = 100
-    tol: float = 3e-3
+    tol: float = 1e-3
     svt_backend: Backend = "auto"
     seed: int = 0
 
