@@ -62,8 +62,8 @@ def rel(a, b) -> float:
 DEFAULT_TOL = SolveOptions().tol
 
 
-def solve(thetas, mus, base, beta, tol=DEFAULT_TOL, max_iter=100, seeds=None):
-    kwargs = dict(base=base, base_weight=beta) if base is not None else {}
+def solve(thetas, mus, base, beta, tol=DEFAULT_TOL, max_iter=100, seeds=None, images=None, mean=None):
+    kwargs = dict(base=base, base_weight=beta) if base is not None else dict(warm_images=images, mean=mean)
     began = time.perf_counter()
     solution = solve_lore(thetas, mus, options=SolveOptions(tol=tol, max_iter=max_iter), warm_start=seeds, **kwargs)
     return solution, time.perf_counter() - began
@@ -83,7 +83,8 @@ def main(argv: List[str] | None = None) -> int:
     picked = [f for f in FAMILIES if not args.families or f[0] in args.families.split(",")]
     lines = ["# Fast-path accuracy and determinism (one matrix, in process)", "", machine_info(1),
              f"- shape {rows}x{cols}, mu_ratio 0.2, lambda 0.5 (sum); reference: the same solve at tol 1e-7 in float64",
-             "- thresholds and warm starts as `lore_merge` computes them (`resolve_thresholds`, seeds)",
+             "- thresholds and warm starts as `lore_merge` computes them (`resolve_thresholds`: seeds and,"
+             " without a base, their images)",
              "", f"| family (rank, strength, noise, dtype, shared) | inputs | solve s (default tol {DEFAULT_TOL:g}) | outer iterations | path | kept ranks "
              "| merged vs tol 1e-7 | worst task vector vs tol 1e-7 | transposed view vs copy | 1 vs 2 threads "
              f"| solve s (tol {args.other_tol:g}) | outer iterations | merged vs tol 1e-7 | worst task vector vs tol 1e-7 |",
@@ -95,22 +96,23 @@ def main(argv: List[str] | None = None) -> int:
             beta = 1.0 if with_base else 0.0
             b = base if with_base else None
             reference = base.float() if with_base else anchored_mean(thetas, None, 0.0, torch.float32)
-            seeds = []
-            mus = resolve_thresholds(thetas, reference, [None] * n, [0.2] * n, seeds=seeds)
-            fast, seconds = solve(thetas, mus, b, beta, seeds=seeds)
+            seeds, images = [], []
+            mus = resolve_thresholds(thetas, reference, [None] * n, [0.2] * n, seeds=seeds, images=images)
+            warm = dict(seeds=seeds, images=None if with_base else images, mean=None if with_base else reference)
+            fast, seconds = solve(thetas, mus, b, beta, **warm)
             tight, _ = solve([t.double() for t in thetas], mus, b.double() if b is not None else None, beta,
                              tol=1e-7, max_iter=500)
             merged_err = rel(merged(fast), merged(tight))
             delta_err = max(rel(fast.delta(i), tight.delta(i)) for i in range(n))
             views = [t.T.contiguous().T for t in thetas]  # same values, column-major
-            layout = rel(merged(solve(views, mus, None if b is None else b.T.contiguous().T, beta, seeds=seeds)[0]),
+            layout = rel(merged(solve(views, mus, None if b is None else b.T.contiguous().T, beta, **warm)[0]),
                          merged(fast))
             threads = float("nan")
             if not args.skip_threads:
                 torch.set_num_threads(2)
-                threads = rel(merged(solve(thetas, mus, b, beta, seeds=seeds)[0]), merged(fast))
+                threads = rel(merged(solve(thetas, mus, b, beta, **warm)[0]), merged(fast))
                 torch.set_num_threads(1)
-            other, other_seconds = solve(thetas, mus, b, beta, tol=args.other_tol, seeds=seeds)
+            other, other_seconds = solve(thetas, mus, b, beta, tol=args.other_tol, **warm)
             other_cells = (f" {other_seconds:.2f} | {other.iterations} | {rel(merged(other), merged(tight)):.1e} | "
                            f"{max(rel(other.delta(i), tight.delta(i)) for i in range(n)):.1e} |")
             line = (f"| {name}: r{rank}, {strength:g}, {noise:g}, {dtype}, {shared:g} | {n}{' + base' if with_base else ''} | {seconds:.2f} | "

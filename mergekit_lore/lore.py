@@ -98,6 +98,7 @@ def resolve_thresholds(
     *,
     mirrored: bool = False,
     seeds: Optional[List[Optional[torch.Tensor]]] = None,
+    images: Optional[List[Optional[torch.Tensor]]] = None,
 ) -> List[float]:
     """Per-model absolute thresholds (``mu`` wins over ``mu_ratio``).
 
@@ -105,10 +106,14 @@ def resolve_thresholds(
     vectors share one spectrum and it is computed once. ``seeds``: if a list,
     receives per model the right singular vectors found whose singular values
     pass the threshold (the expected kept directions; None if there are none or
-    none were computed).
+    none were computed). ``images``: if a list (with ``seeds``), receives per model
+    ``(theta_i - reference) @ seeds[i]`` where the spectrum computation gave it free
+    (matrices taller than wide: ``TopSingular.image``), else None.
     """
     if seeds is not None:
         seeds[:] = [None] * len(thetas)
+    if images is not None:
+        images[:] = [None] * len(thetas)
     thresholds: List[float] = []
     first: Optional[TopSingular] = None  # the first spectrum computed (shared by mirrored inputs)
     work = None
@@ -119,8 +124,9 @@ def resolve_thresholds(
         if ratio == 0:
             thresholds.append(0.0)
             continue
+        sign = 1.0
         if index == 1 and len(thetas) == 2 and first is not None and mirrored:
-            top = first  # theta_2 - mean = -(theta_1 - mean): same spectrum and right singular vectors
+            top, sign = first, -1.0  # theta_2 - mean = -(theta_1 - mean): same spectrum and right singular vectors
         else:
             if work is None:  # row-major, whatever the layout of the inputs
                 work = torch.empty(reference.shape, dtype=reference.dtype, device=reference.device)
@@ -132,6 +138,8 @@ def resolve_thresholds(
         if seeds is not None and top.basis is not None:
             passing = int((top.values > thresholds[-1]).sum())
             seeds[index] = top.basis[:, :passing] if passing else None
+            if images is not None and passing and top.image is not None:
+                images[index] = top.image[:, :passing] * sign
     return thresholds
 
 
@@ -193,11 +201,11 @@ def _merge_matrix(
     began = time.perf_counter()
     reference = base.to(dtype) if base is not None else anchored_mean(thetas, None, 0.0, dtype)
     seeds: List[Optional[torch.Tensor]] = []
+    images: List[Optional[torch.Tensor]] = []  # D_i @ seeds[i]; without a base the reference is the solve's anchor
     thresholds = resolve_thresholds(
         thetas, reference, config.mu, config.mu_ratio, mirrored=base is None and len(thetas) == 2,
-        seeds=seeds,
+        seeds=seeds, images=images if base is None else None,
     )
-    del reference
     fixed = base is not None and config.base_mode == "fixed"
     anchored = base is not None and config.base_mode == "anchor"
     solution = solve_lore(
@@ -208,7 +216,10 @@ def _merge_matrix(
         fix_base=fixed,
         options=config.solve,
         warm_start=seeds,
+        warm_images=images if base is None else None,
+        mean=reference if base is None else None,
     )
+    del reference
     if report is not None:
         report(
             TensorSolve(

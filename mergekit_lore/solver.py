@@ -146,6 +146,8 @@ def solve_lore(
     fix_base: bool = False,
     options: SolveOptions = SolveOptions(),
     warm_start: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    warm_images: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    mean: Optional[torch.Tensor] = None,
 ) -> LoreSolution:
     """Minimise the LoRE objective for one m x k weight.
 
@@ -161,6 +163,10 @@ def solve_lore(
     vectors per step at which to stop), ``svt_backend`` (see ``svt``) and
     ``seed``. ``warm_start``: optional right singular blocks (k x r) per model,
     e.g. from the threshold computation, to seed the sketch (speed only).
+    ``warm_images``: optional ``(theta_i - anchor) @ warm_start[i]`` where already
+    known, ``anchor`` being the anchored mean (saves the first step's products).
+    ``mean``: ``anchored_mean(thetas, None, 0.0, dtype)`` if the caller has it (used
+    as the anchor when there is no base, instead of computing it again).
     SVTs follow Cai, Candes & Shen 2010.
     """
     n = len(thetas)
@@ -170,7 +176,8 @@ def solve_lore(
     if fix_base:
         return _solve_fixed_base(thetas, thresholds, base, dtype, stats)
     beta = base_weight if base is not None else 0.0
-    anchor = anchored_mean(thetas, base, beta, dtype)
+    reuse = mean is not None and beta == 0.0 and mean.dtype == dtype and mean.shape == thetas[0].shape
+    anchor = mean if reuse else anchored_mean(thetas, base, beta, dtype)
     coupling = 1.0 / (beta + n)
     if n == 2 and beta == 0.0 and thresholds[0] == thresholds[1]:
         # Minimum-norm point of the flat segment (see module docstring).
@@ -179,7 +186,7 @@ def solve_lore(
         deltas = [delta, delta.scaled(-1.0)]
         return stats.solution(anchor, coupling, deltas, thresholds, 1, 0.0, True, beta)
     if options.solver == "fista" and options.svt_backend in ("auto", "randomized"):
-        solution = _solve_matrix_free(thetas, thresholds, anchor, coupling, beta, options, warm_start)
+        solution = _solve_matrix_free(thetas, thresholds, anchor, coupling, beta, options, warm_start, warm_images)
         if solution is not None:
             return solution
         if options.svt_backend == "auto" and n * anchor.numel() <= WHOLE_PROBLEM_ELEMENTS:
@@ -209,12 +216,13 @@ def _solve_fixed_base(thetas, thresholds, base, dtype, stats: "_SvtStats") -> Lo
     return stats.solution(anchor, 0.0, deltas, thresholds, 1, 0.0, True, 0.0)
 
 
-def _solve_matrix_free(thetas, thresholds, anchor, coupling, beta, options, warm_start) -> Optional[LoreSolution]:
+def _solve_matrix_free(thetas, thresholds, anchor, coupling, beta, options, warm_start,
+                       warm_images) -> Optional[LoreSolution]:
     """The subspace fast path (``subspace.solve_on_subspaces``), or None where it falls back."""
     began = time.perf_counter()
     fast = solve_on_subspaces(
         thetas, thresholds, anchor, coupling, tol=options.tol, max_iter=options.max_iter,
-        seed=options.seed, warm_start=warm_start, anchor_is_mean=beta == 0.0,
+        seed=options.seed, warm_start=warm_start, warm_images=warm_images, anchor_is_mean=beta == 0.0,
     )
     if fast is None:
         return None

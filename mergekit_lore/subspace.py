@@ -33,7 +33,9 @@ less than ``tol`` (relative). Without a base, warm starts (the threshold's Ritz
 vectors above ``mu_i``) are wider than the kept rank (each ``D_i`` also holds the
 other models' updates); when every model has one, the first step keeps only the
 directions of the shared bases that some model's sketch reaches at
-``FIRST_STEP_FLOOR * mu_i``. The sketches grow (by half, with fresh random
+``FIRST_STEP_FLOOR * mu_i`` (the left ones before its left passes). Warm starts whose
+products are known (``warm_images``: the threshold's Krylov products) are not
+multiplied again. The sketches grow (by half, with fresh random
 columns) when a model's kept rank nears the sketch size; at the first step whose
 kept rank did not grow (the first step counts as such) and sits more than
 ``OVERSAMPLE + HEADROOM`` columns below the sketch, they are cut back, once, to
@@ -52,7 +54,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -163,16 +165,32 @@ def _random_basis(rows: int, cols: int, generator, like: torch.Tensor) -> torch.
 
 
 def _initial_bases(
-    warm: Optional[Sequence[Optional[torch.Tensor]]], n: int, cols: int, size: int, generator, like
-) -> List[torch.Tensor]:
-    bases = []
+    warm: Optional[Sequence[Optional[torch.Tensor]]], images: Optional[Sequence[Optional[torch.Tensor]]],
+    n: int, cols: int, size: int, generator, like
+) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
+    """First sketches ``V_i``: the warm start's columns, then random ones; and ``D_i V_i``'s known leading columns.
+
+    A seed with a known image (``D_i @ seed``) is kept as it is (Ritz vectors are
+    orthonormal) and the random columns are orthogonalised against it, so that the
+    image stays the product with ``V_i``'s leading columns; other seeds are
+    orthonormalised together with their random columns.
+    """
+    bases, known = [], []
     for i in range(n):
         seed = warm[i] if warm is not None and i < len(warm) else None
-        start = [] if seed is None or seed.shape[0] != cols else [seed.to(like.dtype)[:, :size]]
-        used = start[0].shape[1] if start else 0
-        start.append(_random_basis(cols, size - used, generator, like))
-        bases.append(_orth(torch.cat(start, dim=1)))
-    return bases
+        seed = None if seed is None or seed.shape[0] != cols else seed.to(like.dtype)[:, :size]
+        image = images[i] if seed is not None and images is not None and i < len(images) else None
+        used = seed.shape[1] if seed is not None else 0
+        fresh = _random_basis(cols, size - used, generator, like)
+        if image is None:
+            bases.append(_orth(fresh if seed is None else torch.cat([seed, fresh], dim=1)))
+            known.append(None)
+            continue
+        for _ in range(2):  # classical Gram-Schmidt, twice
+            fresh = fresh - seed @ (seed.T @ fresh)
+        bases.append(torch.cat([seed, _orth(fresh)], dim=1))
+        known.append(image[:, :used].to(like.dtype))
+    return bases, known
 
 
 def _batched_svt(M: torch.Tensor, mu: torch.Tensor, eigh_dtype: torch.dtype = torch.float64):
@@ -234,8 +252,9 @@ def _small_fista(G, coupling, mus, Z, tol, max_iter, first=None, eigh_dtype=torc
 class _Bases:
     """Per-model right sketches ``V_i`` and the shared bases ``U``, ``W`` with the solution ``Z``."""
 
-    def __init__(self, V: List[torch.Tensor]):
+    def __init__(self, V: List[torch.Tensor], known: Optional[List[Optional[torch.Tensor]]] = None):
         self.V = V
+        self.known = known  # D_i @ V_i's leading columns where already computed (first step only)
         self.U: Optional[torch.Tensor] = None
         self.W: Optional[torch.Tensor] = None
         self.Z: Optional[torch.Tensor] = None  # (n, P, P) float64, delta_i = U Z_i W^T
@@ -260,6 +279,15 @@ def _significant(coordinates: torch.Tensor, width: int, mus: torch.Tensor) -> to
     return directions[:, -passing:].flip(1)
 
 
+def _right_product(products: ResidualProducts, index: int, V: torch.Tensor, known: Optional[torch.Tensor]):
+    """``D_index @ V``, multiplying only the columns past the ``known`` product of the leading ones."""
+    if known is None:
+        return products.right(index, V)
+    if known.shape[1] == V.shape[1]:
+        return known.clone()
+    return torch.cat([known, products.right(index, V[:, known.shape[1]:])], dim=1)
+
+
 def _outer_step(products, bases: _Bases, coupling: float, mus: torch.Tensor, prune_first: bool):
     """One subspace iteration per model on ``X_i = D_i + c S``, then shared bases and ``U^T D_i W``.
 
@@ -271,14 +299,20 @@ def _outer_step(products, bases: _Bases, coupling: float, mus: torch.Tensor, pru
     n, dtype = len(bases.V), bases.V[0].dtype
     core = None if bases.Z is None else bases.Z.sum(dim=0).to(dtype)  # S = U_old core W_old^T
     sketches = []
+    known, bases.known = bases.known or [None] * n, None
     for i in range(n):
-        y = products.right(i, bases.V[i])
+        y = _right_product(products, i, bases.V[i], known[i])
         if core is not None:
             y.addmm_(bases.U, core @ (bases.W.T @ bases.V[i]), alpha=coupling)
         sketches.append(y)
     width = sketches[0].shape[1]
     U, stacked = torch.linalg.qr(torch.cat(sketches, dim=1), mode="reduced")  # Y_i = U stacked[:, cols_i]
     coordinates = [_orth(stacked[:, i * width:(i + 1) * width]) for i in range(n)]  # U^T Q_i
+    prune = bases.Z is None and prune_first
+    if prune:  # only the directions some warm sketch holds at FIRST_STEP_FLOOR x mu, before the left passes
+        left_keep = _significant(stacked, width, mus)
+        U = U @ left_keep
+        coordinates = [left_keep.T @ c for c in coordinates]  # Q_i projected onto the kept U
     overlap = None if core is None else bases.U.T @ U  # U_old^T U
     correction = None if core is None else bases.W @ (core.T @ overlap)  # S^T U
     V = []
@@ -289,11 +323,8 @@ def _outer_step(products, bases: _Bases, coupling: float, mus: torch.Tensor, pru
         bases.sketches.append(xt @ coordinates[i])  # X_i^T Q_i
         V.append(_orth(bases.sketches[-1]))
     W = _orth(torch.cat(V, dim=1))
-    if bases.Z is None and prune_first:  # only the directions some warm sketch holds at FIRST_STEP_FLOOR x mu
-        left_keep = _significant(stacked, width, mus)
-        right_keep = _significant(W.T @ torch.cat(bases.sketches, dim=1), width, mus)
-        U, W = U @ left_keep, W @ right_keep
-        dense_parts = [h @ left_keep for h in dense_parts]
+    if prune:
+        W = W @ _significant(W.T @ torch.cat(bases.sketches, dim=1), width, mus)
     G = torch.stack([(h.T @ W) for h in dense_parts]).double()
     if bases.Z is not None:  # carry the previous solution into the new bases
         into_w = (bases.W.T @ W).double()
@@ -314,6 +345,7 @@ def solve_on_subspaces(
     max_iter: int,
     seed: int,
     warm_start: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    warm_images: Optional[Sequence[Optional[torch.Tensor]]] = None,
     max_rank: Optional[int] = None,
     anchor_is_mean: bool = False,
 ) -> Optional[SubspaceResult]:
@@ -324,7 +356,9 @@ def solve_on_subspaces(
     task vectors between outer steps at which to stop; ``max_iter``: outer steps;
     ``seed``: of the random sketch; ``warm_start``: optional right bases (k x r) per
     model to seed it, r being the expected kept rank (the first sketch then has
-    at least ``r + SEED_MARGIN`` columns); ``max_rank``: largest per-model sketch
+    at least ``r + SEED_MARGIN`` columns); ``warm_images``: optional
+    ``(theta_i - anchor) @ warm_start[i]`` where already known (the first step then
+    multiplies only the random columns); ``max_rank``: largest per-model sketch
     before giving up (default a quarter of the short side);
     ``anchor_is_mean``: ``anchor`` is the plain mean of ``thetas`` (no base), which
     saves one of the n left passes per step (``ResidualProducts.left_all``).
@@ -345,7 +379,7 @@ def solve_on_subspaces(
     generator = torch.Generator(device=anchor.device)
     generator.manual_seed(seed)
     products = ResidualProducts(thetas, anchor, anchor_is_mean)
-    bases = _Bases(_initial_bases(warm_start, n, cols, size, generator, anchor))
+    bases = _Bases(*_initial_bases(warm_start, warm_images, n, cols, size, generator, anchor))
     # Base-free problem, every model warm-started: the seeds (Ritz vectors of theta_i - mean) also
     # hold the other models' updates, so the first step's shared bases are pruned. With a base the
     # seeds are each model's own directions; pruning them measured slower (more outer steps).

@@ -314,11 +314,13 @@ def spectral_norm(
 class TopSingular(NamedTuple):
     """``value``: the largest singular value; ``basis``: the right Ritz vectors of the whole
     final Krylov space (cols x its size, at least ``block``; None for tiny matrices);
-    ``values``: their Ritz values, descending (lower bounds of the leading singular values)."""
+    ``values``: their Ritz values, descending (lower bounds of the leading singular values);
+    ``image``: ``x @ basis`` for x taller than wide (the Krylov products), else None."""
 
     value: float
     basis: Optional[torch.Tensor]
     values: Optional[torch.Tensor]
+    image: Optional[torch.Tensor] = None
 
 
 KRYLOV_BLOCKS = 6  # blocks kept by ``top_singular`` before it restarts on its Ritz vectors
@@ -339,7 +341,10 @@ def top_singular(
     space are returned (they cost nothing more): the leading ones seed a later
     sketch of a matrix with the same row space (the LoRE solver's warm start),
     and by interlacing the ``j``-th Ritz value is at most ``s_j``, so counting
-    those above a threshold under-counts the singular values that pass it.
+    those above a threshold under-counts the singular values that pass it. For
+    a tall ``x`` the space lies in its column space and the products it keeps
+    for the Ritz values give ``x @ basis`` free (``image``: the solver's first
+    products with its seeds).
     Stops when the largest Ritz value changes by at most ``rtol`` (relative)
     or the space stops growing. Other parameters as in ``spectral_norm``.
     """
@@ -391,8 +396,9 @@ def top_singular(
         q = torch.linalg.qr(fresh - space @ (space.T @ fresh), mode="reduced").Q
     space, products, values, coefficients = ritz
     scale = torch.where(values > 0, values, torch.ones_like(values))
-    if transposed:  # the caller's columns are this orientation's rows
-        basis = space @ coefficients.to(x.dtype)
-    else:
-        basis = products @ (coefficients / scale).to(x.dtype)  # v = x^T u / s
+    if transposed:  # the caller's columns are this orientation's rows; products = the caller's x @ space
+        coefficients = coefficients.to(x.dtype)
+        return TopSingular(top, space @ coefficients, values.to(x.dtype), products @ coefficients)
+    # v = x^T u / s: a half step further than the Krylov space's own Ritz vectors (better seeds), no image
+    basis = products @ (coefficients / scale).to(x.dtype)
     return TopSingular(top, basis, values.to(x.dtype))

@@ -201,14 +201,14 @@ def test_loose_threshold_norm_and_its_block():
     _, thetas = family(1, 6, 0.3, seed=8)
     x = thetas[0] - thetas[0].mean()
     exact = float(torch.linalg.matrix_norm(x, ord=2))
-    value, block, _ = top_singular(x.float(), rtol=1e-3)
+    value, block = top_singular(x.float(), rtol=1e-3)[:2]
     assert value == pytest.approx(exact, rel=1e-3)
     assert value == pytest.approx(spectral_norm(x.float(), rtol=1e-3))
     # the block holds the top right singular vector
     v1 = torch.linalg.svd(x, full_matrices=False).Vh[0]
     assert block.shape[0] == COLS
     assert float((block.double().T @ v1).norm()) > 0.99
-    _, tall_block, _ = top_singular(x.T.float(), rtol=1e-3)
+    tall_block = top_singular(x.T.float(), rtol=1e-3).basis
     assert tall_block.shape[0] == ROWS  # right singular vectors of the tall matrix
 
 
@@ -242,6 +242,57 @@ def test_two_models_without_a_base_share_one_spectrum_and_its_seeds():
     v = torch.linalg.svd(thetas[1] - mean, full_matrices=False).Vh[: seeds[0].shape[1]].T
     assert float((seeds[1].double().T @ v).norm() ** 2) == pytest.approx(seeds[0].shape[1], abs=1e-2)
 
+
+
+@pytest.mark.parametrize("n, ratios", [(3, [0.2, 0.2, 0.2]), (2, [0.2, 0.05])], ids=["three", "two-mirrored"])
+def test_threshold_images_are_the_residual_products_with_the_seeds(n, ratios):
+    from mergekit_lore.lore import resolve_thresholds
+
+    _, thetas = family(n, 5, 0.05, seed=21, rows=COLS, cols=ROWS)  # tall: the images come free
+    mean = sum(thetas) / n
+    seeds, images = [], []
+    resolve_thresholds([t.float() for t in thetas], mean.float(), [None] * n, ratios, mirrored=n == 2,
+                       seeds=seeds, images=images)
+    for theta, seed, image in zip(thetas, seeds, images):
+        expected = (theta - mean) @ seed.double()  # float64, from the definition (the mirrored sign included)
+        assert float((image.double() - expected).norm() / expected.norm()) < 1e-5
+    wide = []  # a wide matrix's seeds are x^T u / s (better seeds, no free image)
+    resolve_thresholds([t.T.float() for t in thetas], mean.T.float(), [None] * n, ratios, mirrored=n == 2,
+                       seeds=[], images=wide)
+    assert wide == [None] * n
+
+
+def test_known_first_products_skip_their_columns_and_keep_the_solution(monkeypatch):
+    import mergekit_lore.subspace as subspace
+    from mergekit_lore.lore import resolve_thresholds
+
+    n = 3
+    _, thetas = family(n, 6, 0.05, seed=23, rows=COLS, cols=ROWS)  # tall: the images come free
+    inputs = [t.float() for t in thetas]
+    mean = sum(inputs) / n
+    seeds, images = [], []
+    mus = resolve_thresholds(inputs, mean, [None] * n, [0.2] * n, seeds=seeds, images=images)
+    widths, lefts = [], []
+    right, left = subspace.ResidualProducts.right, subspace.ResidualProducts.left
+    monkeypatch.setattr(subspace.ResidualProducts, "right",
+                        lambda self, i, m: widths.append(m.shape[1]) or right(self, i, m))
+    monkeypatch.setattr(subspace.ResidualProducts, "left",
+                        lambda self, i, m: lefts.append(m.shape[1]) or left(self, i, m))
+    plain = solve_lore(inputs, mus, warm_start=seeds)
+    first_plain, widths[:] = widths[:n], []
+    known = solve_lore(inputs, mus, warm_start=seeds, warm_images=images, mean=mean)
+    first_known = widths[:n]
+    assert plain.backends == known.backends == ["subspace"] and known.converged
+    # the first step multiplies only the columns past each seed
+    assert first_known == [p - s.shape[1] for p, s in zip(first_plain, seeds)]
+    # and its left passes (n - 1 with a mean anchor) only the pruned union of the sketches
+    assert len(lefts) > n - 1 and lefts[0] == lefts[n - 2] < sum(first_plain)
+    theta0_ref, deltas_ref = reference.solve(thetas, mus)
+    expected = theta0_ref + 0.6 * sum(deltas_ref)
+    assert relative(merged(known), expected) < 1e-4
+    assert relative(merged(known), merged(plain)) < 1e-4
+    for i in range(n):
+        assert relative(known.delta(i).double(), deltas_ref[i]) < SolveOptions().tol
 
 def test_a_warm_start_past_the_sketch_limit_goes_straight_to_the_whole_matrix_solve():
     from mergekit_lore.solver import anchored_mean
