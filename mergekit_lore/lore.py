@@ -206,6 +206,8 @@ def _merge_matrix(
         thetas, reference, config.mu, config.mu_ratio, mirrored=base is None and len(thetas) == 2,
         seeds=seeds, images=images if base is None else None,
     )
+    mean = reference if base is None else None  # the solve's anchor without a base
+    del reference
     fixed = base is not None and config.base_mode == "fixed"
     anchored = base is not None and config.base_mode == "anchor"
     solution = solve_lore(
@@ -217,9 +219,8 @@ def _merge_matrix(
         options=config.solve,
         warm_start=seeds,
         warm_images=images if base is None else None,
-        mean=reference if base is None else None,
+        mean=mean,
     )
-    del reference
     if report is not None:
         report(
             TensorSolve(
