@@ -131,7 +131,7 @@ def resolve_thresholds(
             if work is None:  # row-major, whatever the layout of the inputs
                 work = torch.empty(reference.shape, dtype=reference.dtype, device=reference.device)
             work.copy_(theta).sub_(reference)
-            top = top_singular(work, rtol=THRESHOLD_RTOL, block=FIRST_SKETCH)
+            top = top_singular(work, rtol=THRESHOLD_RTOL, block=FIRST_SKETCH, with_image=images is not None)
             if first is None:
                 first = top
         thresholds.append(float(ratio) * top.value)
@@ -139,7 +139,7 @@ def resolve_thresholds(
             passing = int((top.values > thresholds[-1]).sum())
             seeds[index] = top.basis[:, :passing] if passing else None
             if images is not None and passing and top.image is not None:
-                images[index] = top.image[:, :passing] * sign
+                images[index] = top.image[:, :passing] if sign > 0 else -top.image[:, :passing]
     return thresholds
 
 
@@ -201,10 +201,11 @@ def _merge_matrix(
     began = time.perf_counter()
     reference = base.to(dtype) if base is not None else anchored_mean(thetas, None, 0.0, dtype)
     seeds: List[Optional[torch.Tensor]] = []
-    images: List[Optional[torch.Tensor]] = []  # D_i @ seeds[i]; without a base the reference is the solve's anchor
+    # D_i @ seeds[i], only without a base: then the reference is the solve's anchor
+    images: Optional[List[Optional[torch.Tensor]]] = [] if base is None else None
     thresholds = resolve_thresholds(
         thetas, reference, config.mu, config.mu_ratio, mirrored=base is None and len(thetas) == 2,
-        seeds=seeds, images=images if base is None else None,
+        seeds=seeds, images=images,
     )
     mean = reference if base is None else None  # the solve's anchor without a base
     del reference
@@ -218,7 +219,7 @@ def _merge_matrix(
         fix_base=fixed,
         options=config.solve,
         warm_start=seeds,
-        warm_images=images if base is None else None,
+        warm_images=images,
         mean=mean,
     )
     if report is not None:

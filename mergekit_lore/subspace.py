@@ -283,8 +283,6 @@ def _right_product(products: ResidualProducts, index: int, V: torch.Tensor, know
     """``D_index @ V``, multiplying only the columns past the ``known`` product of the leading ones."""
     if known is None:
         return products.right(index, V)
-    if known.shape[1] == V.shape[1]:
-        return known.clone()
     return torch.cat([known, products.right(index, V[:, known.shape[1]:])], dim=1)
 
 

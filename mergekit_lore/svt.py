@@ -315,7 +315,7 @@ class TopSingular(NamedTuple):
     """``value``: the largest singular value; ``basis``: the right Ritz vectors of the whole
     final Krylov space (cols x its size, at least ``block``; None for tiny matrices);
     ``values``: their Ritz values, descending (lower bounds of the leading singular values);
-    ``image``: ``x @ basis`` for x taller than wide (the Krylov products), else None."""
+    ``image``: ``x @ basis`` if asked for and x is taller than wide (the Krylov products), else None."""
 
     value: float
     basis: Optional[torch.Tensor]
@@ -328,7 +328,8 @@ INVARIANT_RTOL = 1e-5  # a new Krylov direction below this x s_1^2 is round-off
 
 
 def top_singular(
-    x: torch.Tensor, *, rtol: float = 1e-5, max_iter: int = 100, seed: int = 0, block: int = 8
+    x: torch.Tensor, *, rtol: float = 1e-5, max_iter: int = 100, seed: int = 0, block: int = 8,
+    with_image: bool = False,
 ) -> TopSingular:
     """``spectral_norm`` plus the right Ritz vectors of the Krylov space it built.
 
@@ -343,8 +344,8 @@ def top_singular(
     and by interlacing the ``j``-th Ritz value is at most ``s_j``, so counting
     those above a threshold under-counts the singular values that pass it. For
     a tall ``x`` the space lies in its column space and the products it keeps
-    for the Ritz values give ``x @ basis`` free (``image``: the solver's first
-    products with its seeds).
+    for the Ritz values give ``x @ basis`` for one small product (``image``, with
+    ``with_image``: the solver's first products with its seeds).
     Stops when the largest Ritz value changes by at most ``rtol`` (relative)
     or the space stops growing. Other parameters as in ``spectral_norm``.
     """
@@ -398,7 +399,8 @@ def top_singular(
     scale = torch.where(values > 0, values, torch.ones_like(values))
     if transposed:  # the caller's columns are this orientation's rows; products = the caller's x @ space
         coefficients = coefficients.to(x.dtype)
-        return TopSingular(top, space @ coefficients, values.to(x.dtype), products @ coefficients)
+        image = products @ coefficients if with_image else None
+        return TopSingular(top, space @ coefficients, values.to(x.dtype), image)
     # v = x^T u / s: a half step further than the Krylov space's own Ritz vectors (better seeds), no image
     basis = products @ (coefficients / scale).to(x.dtype)
     return TopSingular(top, basis, values.to(x.dtype))

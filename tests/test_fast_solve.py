@@ -243,7 +243,6 @@ def test_two_models_without_a_base_share_one_spectrum_and_its_seeds():
     assert float((seeds[1].double().T @ v).norm() ** 2) == pytest.approx(seeds[0].shape[1], abs=1e-2)
 
 
-
 @pytest.mark.parametrize("n, ratios", [(3, [0.2, 0.2, 0.2]), (2, [0.2, 0.05])], ids=["three", "two-mirrored"])
 def test_threshold_images_are_the_residual_products_with_the_seeds(n, ratios):
     from mergekit_lore.lore import resolve_thresholds
@@ -293,6 +292,7 @@ def test_known_first_products_skip_their_columns_and_keep_the_solution(monkeypat
     assert relative(merged(known), merged(plain)) < 1e-4
     for i in range(n):
         assert relative(known.delta(i).double(), deltas_ref[i]) < SolveOptions().tol
+
 
 def test_a_warm_start_past_the_sketch_limit_goes_straight_to_the_whole_matrix_solve():
     from mergekit_lore.solver import anchored_mean

@@ -166,15 +166,16 @@ def test_top_singular_block_holds_the_leading_ritz_values():
     assert float((top.basis.double().T @ v).norm() ** 2) == pytest.approx(6.0, abs=1e-3)
 
 
-
 def test_top_singular_gives_the_basis_image_of_a_tall_matrix_and_none_of_a_wide_one():
     # for a tall matrix the Krylov products are the image x @ basis (the solver's first products)
     _, (x,) = reference.planted_family(1, (150, 90), rank=6, strength=1.0, noise=0.01, seed=7, dtype=torch.float64)
-    top = top_singular(x.float(), rtol=1e-6, block=12)
+    assert top_singular(x.float(), rtol=1e-6, block=12).image is None  # only when asked for
+    top = top_singular(x.float(), rtol=1e-6, block=12, with_image=True)
     assert top.image is not None and top.image.shape == (150, top.basis.shape[1])
     expected = x @ top.basis.double()  # float64, from the definition
     assert float((top.image.double() - expected).norm() / expected.norm()) < 1e-5
-    assert top_singular(x.T.float(), rtol=1e-6, block=12).image is None
+    assert top_singular(x.T.float(), rtol=1e-6, block=12, with_image=True).image is None
+
 
 def _with_spectrum(rows, cols, values, seed):
     g = torch.Generator().manual_seed(seed)
