@@ -230,7 +230,7 @@ def _solve_matrix_free(thetas, thresholds, anchor, coupling, beta, options, warm
 
 
 def _solve_whole(thetas, thresholds, base, anchor, coupling, beta, options) -> LoreSolution:
-    """Small matrices the sketches cannot hold: the batched float64 FISTA on the whole matrices."""
+    """Small matrices the sketches cannot hold: the batched FISTA of the fast path on the whole matrices."""
     began = time.perf_counter()
     whole = solve_whole(thetas, thresholds, anchor, coupling, tol=options.tol, max_iter=options.max_iter,
                         start_from=base)

@@ -20,9 +20,9 @@ fixed and ``S = sum_j delta_j`` low rank. This module never forms ``X_i``:
    restricted to these subspaces is the same LoRE problem on small ``P x P``
    matrices ``U^T D_i W`` (the bases are orthonormal, so norms are preserved);
    it is solved by FISTA (Beck & Teboulle 2009) with gradient restarts
-   (O'Donoghue & Candes 2015) and batched float64 SVTs from Gram eigenpairs
-   (the eigenpairs in float32 for a float32 problem solved no tighter than
-   ``FLOAT32_EIGH_MIN_TOL``), to ``tol / 10`` at the end and more loosely while
+   (O'Donoghue & Candes 2015) and batched SVTs from Gram eigenpairs, in float64
+   (in float32 for a float32 problem solved no tighter than
+   ``FLOAT32_SMALL_SOLVE_MIN_TOL``), to ``tol / 10`` at the end and more loosely while
    the outer steps still move. The slow (flat) directions of the LoRE objective
    therefore cost small-matrix iterations only, not passes over the weights.
 
@@ -70,7 +70,7 @@ INNER_TOL_FACTOR = 10  # small solves: loosest tolerance (x tol) and its share o
 LOOSEST_INNER_TOL = 1e-2  # and never looser than this: kept ranks of a looser solve overshoot (they decide growth)
 CPU_BLOCK_ELEMENTS = 1 << 18  # 1 MiB float32 row blocks: stays in cache
 CUDA_BLOCK_ELEMENTS = 1 << 27  # on a GPU one large block (few kernel launches)
-FLOAT32_EIGH_MIN_TOL = 1e-4  # small solves at least this loose (100x the float32 eigh's 1e-6) use it
+FLOAT32_SMALL_SOLVE_MIN_TOL = 1e-4  # small solves at least this loose (100x float32's ~1e-6 SVT error) run in float32
 WHOLE_PROBLEM_ELEMENTS = 1 << 20  # n * m * k up to which ``solve_whole`` replaces the per-model dense loop (memory)
 
 
@@ -193,22 +193,21 @@ def _initial_bases(
     return bases, known
 
 
-def _batched_svt(M: torch.Tensor, mu: torch.Tensor, eigh_dtype: torch.dtype = torch.float64):
-    """``SVT_mu`` of each float64 ``P x P`` matrix in ``M`` from the eigenpairs of ``M^T M``.
+def _batched_svt(M: torch.Tensor, mu: torch.Tensor):
+    """``SVT_mu`` of each ``P x P`` matrix in ``M`` from the eigenpairs of ``M^T M``, in ``M``'s dtype.
 
     About 1.7x faster than a batched SVD on CPU. Squaring the spectrum costs
     ``eps * (s_1 / s)^2`` relative accuracy in a singular value ``s``; only the
     kept values, ``s > mu``, are used, so the loss stays ``eps * (s_1 / mu)^2``
-    (2e-14 at ``mu = s_1 / 10``) and the SVT is 1-Lipschitz in its input.
-    ``eigh_dtype`` float32 (Gram formed in float64, eigenpairs in float32; the eigh
-    is most of the cost and 1.7x faster) leaves the SVT within about 1e-6 (relative
-    Frobenius), so it is only for solves whose tolerance is far looser
-    (``FLOAT32_EIGH_MIN_TOL``). Only the leading ``K`` pairs (the largest kept rank
-    over the batch) are formed. Returns the shrunk matrices and ``(u, shrunk, vh)``
-    with ``K`` pairs in decreasing order (columns of ``u`` past a matrix's kept rank are zero).
+    (2e-14 in float64 at ``mu = s_1 / 10``; in float32 about 1e-6 relative
+    Frobenius, so float32 is only for solves whose tolerance is far looser,
+    ``FLOAT32_SMALL_SOLVE_MIN_TOL``) and the SVT is 1-Lipschitz in its input.
+    Only the leading ``K`` pairs (the largest kept rank over the batch) are formed.
+    Returns the shrunk matrices and ``(u, shrunk, vh)`` with ``K`` pairs in
+    decreasing order (columns of ``u`` past a matrix's kept rank are zero).
     """
-    values, vectors = torch.linalg.eigh((M.transpose(1, 2) @ M).to(eigh_dtype))
-    values, vectors = values.to(M.dtype).flip(-1), vectors.to(M.dtype).flip(-1)
+    values, vectors = torch.linalg.eigh(M.transpose(1, 2) @ M)
+    values, vectors = values.flip(-1), vectors.flip(-1)
     s = values.clamp_min(0).sqrt()
     shrunk = (s - mu).clamp_min(0)
     rank = max(int((shrunk > 0).sum(dim=1).max()), 1)
@@ -219,11 +218,11 @@ def _batched_svt(M: torch.Tensor, mu: torch.Tensor, eigh_dtype: torch.dtype = to
     return (u * shrunk.unsqueeze(1)) @ vh, (u, shrunk, vh)
 
 
-def _small_fista(G, coupling, mus, Z, tol, max_iter, first=None, eigh_dtype=torch.float64):
+def _small_fista(G, coupling, mus, Z, tol, max_iter, first=None):
     """FISTA on the restricted problem: ``Z_i <- SVT_{mu_i}(G_i + c * sum_j Z_j)``.
 
-    All models share one pair of bases, so the coupling is a plain sum. float64,
-    batched over models (``eigh_dtype``: see ``_batched_svt``). ``first``: optional
+    All models share one pair of bases, so the coupling is a plain sum. In ``G``'s
+    dtype (``_small_dtype``), batched over models. ``first``: optional
     input of the first SVT in place of ``G + c * sum_j Z_j`` (a start from the base).
     Returns the solution, its SVD pieces, the iteration count and the last relative
     step ``||Z_k - Z_{k-1}|| / ||Z_k||``.
@@ -232,7 +231,7 @@ def _small_fista(G, coupling, mus, Z, tol, max_iter, first=None, eigh_dtype=torc
     mu = mus.view(-1, 1)
     for k in range(1, max_iter + 1):
         M = first if k == 1 and first is not None else G + coupling * point.sum(dim=0, keepdim=True)
-        new, (u, shrunk, vh) = _batched_svt(M, mu, eigh_dtype)
+        new, (u, shrunk, vh) = _batched_svt(M, mu)
         step = float((new - Z).norm())
         size = float(new.norm())
         change = step / size if size > 0 else (0.0 if step == 0.0 else math.inf)
@@ -395,8 +394,11 @@ def solve_on_subspaces(
         G = _outer_step(products, bases, coupling, mus, prune_first=prune_first)
         carried = bases.Z  # the previous solution projected onto this step's bases (zeros at first)
         small_tol = tightest if outer == 1 else max(tightest, min(loosest, change / INNER_TOL_FACTOR))
-        Z, pieces, used, _ = _small_fista(G, coupling, mus, carried, small_tol, 5000,
-                                          eigh_dtype=_eigh_dtype(anchor.dtype, small_tol))
+        precision = _small_dtype(anchor.dtype, small_tol)
+        Z, pieces, used, _ = _small_fista(G.to(precision), coupling, mus.to(precision), carried.to(precision),
+                                          small_tol, 5000)
+        # carried in float64: the change's ||old||^2 - ||carried||^2 must not cancel in float32 round-off
+        Z = Z.double()
         bases.Z = Z
         inner += used
         shrunk = pieces[1]
@@ -439,27 +441,27 @@ def solve_whole(
     """The same FISTA as the restricted solve, on the whole matrices (identity bases).
 
     For small matrices whose kept rank is too high for sketches (``solve_on_subspaces``
-    gave None): ``D_i = theta_i - anchor`` are stacked in float64, oriented so that the
-    Gram eigh runs on the short side, and every model's SVT of an iteration is one
-    batched call. Same iterates (up to round-off) and stopping rule (relative change
-    of the task vectors at most ``tol``) as the per-model dense loop of ``solver``, in
-    float64 (eigenpairs as in ``_batched_svt``); like it, the first iterate is
+    gave None): ``D_i = theta_i - anchor`` are stacked (in float64, or float32 as chosen by
+    ``_small_dtype``), oriented so that the Gram eigh runs on the short side, and every
+    model's SVT of an iteration is one batched call. Same iterates (up to round-off) and
+    stopping rule (relative change of the task vectors at most ``tol``) as the per-model
+    dense loop of ``solver``; like it, the first iterate is
     ``SVT_{mu_i}(theta_i - start_from)`` when a base is given.
-    Memory: several float64 copies of the n stacked matrices, 2-3x the dense loop's peak
-    (``WHOLE_PROBLEM_ELEMENTS`` bounds them: about 125 MiB at its limit).
+    Memory: several copies of the n stacked matrices, 2-3x the dense loop's peak
+    (``WHOLE_PROBLEM_ELEMENTS`` bounds them: at most about 125 MiB at its limit).
     """
     wide = anchor.shape[0] < anchor.shape[1]
-    centre = anchor.double()
-    G = torch.stack([theta.double() - centre for theta in thetas])
+    precision = _small_dtype(anchor.dtype, tol)
+    centre = anchor.to(precision)
+    G = torch.stack([theta.to(precision) - centre for theta in thetas])
     if wide:
         G = G.transpose(1, 2)
-    mus = torch.tensor([float(m) for m in thresholds], dtype=torch.float64, device=anchor.device)
+    mus = torch.tensor([float(m) for m in thresholds], dtype=precision, device=anchor.device)
     first = None
     if start_from is not None:
-        shift = centre - start_from.double()  # G_i + shift = theta_i - start_from
+        shift = centre - start_from.to(precision)  # G_i + shift = theta_i - start_from
         first = G + (shift.T if wide else shift)
-    _, pieces, used, change = _small_fista(G, coupling, mus, torch.zeros_like(G), tol, max_iter, first,
-                                           _eigh_dtype(anchor.dtype, tol))
+    _, pieces, used, change = _small_fista(G, coupling, mus, torch.zeros_like(G), tol, max_iter, first)
     deltas, norms = [], []
     for i in range(len(thetas)):
         scaled, right, norm = _kept_pairs(pieces, i, anchor.dtype)  # G_i = scaled @ right^T
@@ -469,9 +471,9 @@ def solve_whole(
     return SubspaceResult(deltas, norms, used, change, converged, used, 0, 0.0, min(anchor.shape), min(anchor.shape))
 
 
-def _eigh_dtype(dtype: torch.dtype, tol: float) -> torch.dtype:
-    """float32 Gram eigenpairs for the small solves of a float32 problem whose tolerance is loose enough."""
-    return torch.float32 if dtype != torch.float64 and tol >= FLOAT32_EIGH_MIN_TOL else torch.float64
+def _small_dtype(dtype: torch.dtype, tol: float) -> torch.dtype:
+    """float32 for the small solves of a float32 problem whose tolerance is loose enough, else float64."""
+    return torch.float32 if dtype != torch.float64 and tol >= FLOAT32_SMALL_SOLVE_MIN_TOL else torch.float64
 
 
 def _near_threshold(restricted: torch.Tensor, mus: torch.Tensor) -> int:
