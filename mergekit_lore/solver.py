@@ -88,6 +88,7 @@ class LoreSolution:
     backends: List[str] = field(default_factory=list)
     svt_seconds: float = 0.0
     nuclear_norms: List[float] = field(default_factory=list)
+    step_changes: List[float] = field(default_factory=list)  # subspace path: relative change per outer step after the first
 
     def theta0(self) -> torch.Tensor:
         if self.coupling == 0.0 or not self.deltas:
@@ -244,7 +245,7 @@ def _subspace_solution(result, backend: str, began: float, anchor, coupling, thr
         thresholds=[float(t) for t in thresholds], base_weight=float(beta),
         iterations=result.iterations, rel_change=result.rel_change, converged=result.converged,
         backends=[backend], svt_seconds=time.perf_counter() - began - result.pass_seconds,
-        nuclear_norms=result.nuclear_norms,
+        nuclear_norms=result.nuclear_norms, step_changes=list(result.changes),
     )
 
 

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -154,6 +154,7 @@ class SubspaceResult:
     pass_seconds: float
     sketch: int = 0  # per-model sketch columns at the end (after any growth and trim)
     peak_sketch: int = 0  # the most it had
+    changes: List[float] = field(default_factory=list)  # relative change at each outer step after the first (inf: sketch grew)
 
 
 def _orth(matrix: torch.Tensor) -> torch.Tensor:
@@ -384,7 +385,7 @@ def solve_on_subspaces(
         w is not None and w.shape[0] == cols for w in warm_start[:n])
     mus = torch.tensor([float(m) for m in thresholds], dtype=torch.float64, device=anchor.device)
     previous_square: Optional[float] = None  # ||previous solution||^2 (the bases are orthonormal: of its Z)
-    change, inner = math.inf, 0
+    change, inner, changes = math.inf, 0, []
     kept = [math.inf] * n  # "the previous step's kept rank": none yet, so the first step may trim
     peak = size
     trimmed = False  # at most once: a kept rank that still creeps up would otherwise grow and trim in turn
@@ -411,6 +412,8 @@ def solve_on_subspaces(
                        for v in bases.V]
             size, previous_square, change = grown, float(Z.pow(2).sum()), math.inf
             peak = max(peak, size)
+            if outer > 1:
+                changes.append(change)
             continue
         if not trimmed and max(kept) <= max(last_kept) and size - max(kept) > OVERSAMPLE + HEADROOM:
             # the kept rank stopped growing (or this is the first step) well below the sketch: keep
@@ -422,10 +425,11 @@ def solve_on_subspaces(
                 trimmed = True
         if previous_square is not None:
             change = _relative_change(Z, carried, previous_square)
+            changes.append(change)
             if change <= tol:
-                return _result(bases, pieces, outer, change, True, inner, products, size, peak, anchor.dtype)
+                return _result(bases, pieces, outer, change, True, inner, products, size, peak, anchor.dtype, changes)
         previous_square = float(Z.pow(2).sum())
-    return _result(bases, pieces, max_iter, change, False, inner, products, size, peak, anchor.dtype)
+    return _result(bases, pieces, max_iter, change, False, inner, products, size, peak, anchor.dtype, changes)
 
 
 def solve_whole(
@@ -511,7 +515,7 @@ def _kept_pairs(pieces, index: int, dtype: torch.dtype):
     return scaled, vh[index, :kept].T.to(dtype), float(shrunk[index, :kept].sum())
 
 
-def _result(bases, pieces, iterations, change, converged, inner, products, size, peak, dtype) -> SubspaceResult:
+def _result(bases, pieces, iterations, change, converged, inner, products, size, peak, dtype, changes) -> SubspaceResult:
     """The task vectors as factors ``U (u_i s_i)``, ``W v_i`` of their kept pairs, and the solve's record."""
     deltas, norms = [], []
     for i in range(pieces[0].shape[0]):
@@ -519,4 +523,4 @@ def _result(bases, pieces, iterations, change, converged, inner, products, size,
         deltas.append(LowRank(bases.U @ scaled, bases.W @ right))
         norms.append(norm)
     return SubspaceResult(deltas, norms, iterations, change, converged, inner, products.passes, products.seconds,
-                          size, peak)
+                          size, peak, changes)

@@ -375,6 +375,32 @@ def test_left_products_with_a_mean_anchor_match_the_dense_products():
     assert len(plain.left_all(matrix)) == 3 and plain.passes == 3
 
 
+def test_the_recorded_step_changes_are_the_distances_between_consecutive_solutions():
+    from mergekit_lore.solver import anchored_mean
+    from mergekit_lore.subspace import FIRST_SKETCH, solve_on_subspaces
+
+    # rank 30 > the 20-column first sketch: the first step grows it
+    _, thetas = family(3, 30, 0.05, seed=33)
+    mus = thresholds_for(thetas, sum(thetas) / 3)
+    anchor = anchored_mean(thetas, None, 0.0, torch.float64)
+
+    def run(steps):
+        return solve_on_subspaces(thetas, mus, anchor, 1 / 3, tol=1e-3, max_iter=steps, seed=0, anchor_is_mean=True)
+
+    final = run(100)
+    assert final.converged and len(final.changes) == final.iterations - 1
+    assert final.changes[-1] == final.rel_change <= 1e-3 < min(final.changes[:-1])
+    assert final.peak_sketch > FIRST_SKETCH
+    # the same solve stopped after k steps is step k's solution (the iterates do not depend on max_iter)
+    solutions = [[d.dense() for d in run(k).deltas] for k in range(1, final.iterations + 1)]
+    for k, change in enumerate(final.changes, start=2):
+        new, old = solutions[k - 1], solutions[k - 2]
+        distance = sum(float((a - b).pow(2).sum()) for a, b in zip(new, old)) ** 0.5
+        assert change == pytest.approx(distance / sum(float(a.pow(2).sum()) for a in new) ** 0.5, rel=1e-6)
+    through_solver = solve_lore(thetas, mus)
+    assert through_solver.backends == ["subspace"] and through_solver.step_changes == final.changes
+
+
 def test_outer_change_from_the_small_matrices_equals_the_dense_distance():
     from mergekit_lore.subspace import _relative_change
 
