@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import List
+from typing import List, NamedTuple, Optional
 
 import torch
 
 from bench_e2e import FAMILIES as E2E_FAMILIES  # noqa: E402
-from common import machine_info  # noqa: E402  (repository on sys.path)
+from common import machine_info, write_report  # noqa: E402  (repository on sys.path)
 from mergekit_lore.combine import merge_solution
 from mergekit_lore.lore import resolve_thresholds
 from mergekit_lore.solver import SolveOptions, anchored_mean, solve_lore
@@ -46,6 +46,26 @@ def family(rows, cols, n, rank, strength, noise, dtype, seed=0, shared=0.0):
         update = (own * (1.0 - shared) ** 0.5 + common * shared**0.5) / rank**0.5
         thetas.append((base + update * (strength * scale) + torch.randn(rows, cols, generator=g) * (noise * scale)).to(dtype))
     return base.to(dtype), thetas
+
+
+class MergeInputs(NamedTuple):
+    """One family's inputs with thresholds and warm starts as ``lore_merge`` computes them."""
+
+    thetas: List[torch.Tensor]
+    mus: List[float]
+    base: Optional[torch.Tensor]  # None without a base
+    beta: float
+    warm: dict  # ``solve``'s seeds, images and mean
+
+
+def merge_inputs(rows, cols, n, rank, strength, noise, dtype, shared, with_base) -> MergeInputs:
+    """``family``'s inputs (2 + base, anchor: beta 1; else no base), mu_ratio 0.2 thresholds and their seeds."""
+    base, thetas = family(rows, cols, n, rank, strength, noise, getattr(torch, dtype), shared=shared)
+    reference = base.float() if with_base else anchored_mean(thetas, None, 0.0, torch.float32)
+    seeds, images = [], []
+    mus = resolve_thresholds(thetas, reference, [None] * n, [0.2] * n, seeds=seeds, images=images)
+    warm = dict(seeds=seeds, images=None if with_base else images, mean=None if with_base else reference)
+    return MergeInputs(thetas, mus, base if with_base else None, 1.0 if with_base else 0.0, warm)
 
 
 def merged(solution) -> torch.Tensor:
@@ -92,13 +112,7 @@ def main(argv: List[str] | None = None) -> int:
     print("\n".join(lines), flush=True)
     for name, rank, strength, noise, dtype, shared in picked:
         for n, with_base in ((3, False), (2, True)):
-            base, thetas = family(rows, cols, n, rank, strength, noise, getattr(torch, dtype), shared=shared)
-            beta = 1.0 if with_base else 0.0
-            b = base if with_base else None
-            reference = base.float() if with_base else anchored_mean(thetas, None, 0.0, torch.float32)
-            seeds, images = [], []
-            mus = resolve_thresholds(thetas, reference, [None] * n, [0.2] * n, seeds=seeds, images=images)
-            warm = dict(seeds=seeds, images=None if with_base else images, mean=None if with_base else reference)
+            thetas, mus, b, beta, warm = merge_inputs(rows, cols, n, rank, strength, noise, dtype, shared, with_base)
             fast, seconds = solve(thetas, mus, b, beta, **warm)
             tight, _ = solve([t.double() for t in thetas], mus, b.double() if b is not None else None, beta,
                              tol=1e-7, max_iter=500)
@@ -120,9 +134,7 @@ def main(argv: List[str] | None = None) -> int:
                     f"{layout:.1e} | {threads:.1e} |" + other_cells)
             lines.append(line)
             print(line, flush=True)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+    write_report(lines, args.out)
     return 0
 
 

@@ -18,29 +18,33 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
-from bench_accuracy import DEFAULT_TOL, FAMILIES, family, solve
-from common import machine_info
-from mergekit_lore.lore import resolve_thresholds
-from mergekit_lore.solver import anchored_mean
+from bench_accuracy import DEFAULT_TOL, FAMILIES, merge_inputs, solve
+from common import machine_info, write_report
+
+
+def contractions(changes: List[float]) -> List[Tuple[int, float, float]]:
+    """``(step, rho, estimate)`` for each step whose change fell from a measured (finite) one.
+
+    ``changes[j]`` is step ``j + 2``'s change (the first step has none).
+    """
+    found = []
+    for j in range(1, len(changes)):
+        previous, change = changes[j - 1], changes[j]
+        if math.isfinite(previous) and change < previous:
+            rho = change / previous
+            found.append((j + 2, rho, change * rho / (1.0 - rho)))
+    return found
 
 
 def estimate_stop(changes: List[float], tol: float) -> Optional[int]:
-    """The outer step at which ``min(change_k, change_k rho_k / (1 - rho_k)) <= tol`` first holds.
-
-    ``changes[j]`` is step ``j + 2``'s change (the first step has none). None if never.
-    """
-    for j, change in enumerate(changes):
-        if change <= tol:
-            return j + 2
-        if j and math.isfinite(changes[j - 1]) and change < changes[j - 1]:
-            rho = change / changes[j - 1]
-            if change * rho / (1.0 - rho) <= tol:
-                return j + 2
-    return None
+    """The outer step at which ``min(change_k, change_k rho_k / (1 - rho_k)) <= tol`` first holds; None if never."""
+    by_estimate = [step for step, _, estimate in contractions(changes) if estimate <= tol]
+    by_change = [j + 2 for j, change in enumerate(changes) if change <= tol]
+    return min(by_estimate + by_change, default=None)
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -54,32 +58,26 @@ def main(argv: List[str] | None = None) -> int:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     lines = ["# Outer steps of the subspace solve (one matrix, in process)", "", machine_info(1),
              f"- mu_ratio 0.2, default tol {DEFAULT_TOL:g}; thresholds and warm starts as `lore_merge` computes them",
-             "- estimate: `change_k * rho_k / (1 - rho_k)`, `rho_k = change_k / change_(k-1)`, where the change fell",
+             "- estimate: `change_k * rho_k / (1 - rho_k)`, `rho_k = change_k / change_(k-1)`; both only at steps where the change fell from a measured one",
              "", "| family | shape | inputs | steps | changes (step 2, 3, ...) | rho | estimate | steps under min(change, estimate) <= tol |",
              "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for name, rank, strength, noise, dtype, shared in picked:
         for rows, cols in shapes:
             for n, with_base in ((3, False), (2, True)):
-                base, thetas = family(rows, cols, n, rank, strength, noise, getattr(torch, dtype), shared=shared)
-                reference = base.float() if with_base else anchored_mean(thetas, None, 0.0, torch.float32)
-                seeds, images = [], []
-                mus = resolve_thresholds(thetas, reference, [None] * n, [0.2] * n, seeds=seeds, images=images)
-                warm = dict(seeds=seeds, images=None if with_base else images, mean=None if with_base else reference)
-                solution, _ = solve(thetas, mus, base if with_base else None, 1.0 if with_base else 0.0, **warm)
+                inputs = merge_inputs(rows, cols, n, rank, strength, noise, dtype, shared, with_base)
+                solution, _ = solve(inputs.thetas, inputs.mus, inputs.base, inputs.beta, **inputs.warm)
                 changes = solution.step_changes
-                rhos = [b / a for a, b in zip(changes, changes[1:]) if math.isfinite(a)]
-                estimates = [c * r / (1 - r) for c, r in zip(changes[1:], rhos) if r < 1]
+                fell = contractions(changes)
                 stop = estimate_stop(changes, DEFAULT_TOL) if solution.backends == ["subspace"] else None
                 line = (f"| {name} | {rows}x{cols} | {n}{' + base' if with_base else ''} | {solution.iterations} "
                         f"({','.join(solution.backends)}) | {', '.join(f'{c:.1e}' for c in changes)} | "
-                        f"{', '.join(f'{r:.2f}' for r in rhos)} | {', '.join(f'{e:.1e}' for e in estimates)} | "
+                        f"{', '.join(f'{rho:.2f}' for _, rho, _ in fell)} | "
+                        f"{', '.join(f'{estimate:.1e}' for _, _, estimate in fell)} | "
                         f"{stop if stop is not None else '-'} |")
                 lines.append(line)
                 print(line, flush=True)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+    write_report(lines, args.out)
     return 0
 
 

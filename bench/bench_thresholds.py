@@ -21,7 +21,7 @@ from typing import List
 import torch
 
 from bench_accuracy import FAMILIES, family
-from common import machine_info
+from common import machine_info, write_report
 from mergekit_lore.lore import THRESHOLD_RTOL
 from mergekit_lore.solver import anchored_mean
 from mergekit_lore.subspace import FIRST_SKETCH
@@ -80,9 +80,7 @@ def main(argv: List[str] | None = None) -> int:
                     f"| {1 - value / float(exact[0]):.1e} | {1 - float(values[k]) / float(exact[k]):.1e} |")
             lines.append(line)
             print(line, flush=True)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+    write_report(lines, args.out)
     return 0
 
 

@@ -61,6 +61,13 @@ def subprocess_env(threads: Optional[int]) -> Dict[str, str]:
     return offline_env(overrides)
 
 
+def write_report(lines: Sequence[str], path: Optional[str]) -> None:
+    """Write a benchmark's markdown ``lines`` to ``path`` (nothing when None)."""
+    if path:
+        with open(path, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+
 def run_mergekit_yaml(
     config_path: Path,
     out: Path,
