@@ -58,9 +58,9 @@ class MergeInputs(NamedTuple):
     warm: dict  # ``solve``'s seeds, images and mean
 
 
-def merge_inputs(rows, cols, n, rank, strength, noise, dtype, shared, with_base) -> MergeInputs:
+def merge_inputs(rows, cols, n, rank, strength, noise, dtype, shared, with_base, seed=0) -> MergeInputs:
     """``family``'s inputs (2 + base, anchor: beta 1; else no base), mu_ratio 0.2 thresholds and their seeds."""
-    base, thetas = family(rows, cols, n, rank, strength, noise, getattr(torch, dtype), shared=shared)
+    base, thetas = family(rows, cols, n, rank, strength, noise, getattr(torch, dtype), seed=seed, shared=shared)
     reference = base.float() if with_base else anchored_mean(thetas, None, 0.0, torch.float32)
     seeds, images = [], []
     mus = resolve_thresholds(thetas, reference, [None] * n, [0.2] * n, seeds=seeds, images=images)

@@ -1,8 +1,10 @@
-"""Reject misspelled ``lore`` parameters in a mergekit config before any weight is read.
+"""Reject misspelled or inapplicable ``lore`` parameters in a mergekit config before any weight is read.
 
 mergekit resolves a method's parameters by looking up the names the method declares,
 so an unknown key in a YAML config (``lamda: 0.5``) is never read and the merge runs
 with the default. ``merge_tensors`` rejects such names; the YAML path does not.
+Likewise a base-only setting (``base_mode: fixed``) in a merge without a base model
+would be read and then have no effect (``check_base_only_parameters``).
 
 mergekit's planner calls ``MergeMethod.validate_inputs`` once per output slice at the
 end of ``MergePlanner.normalize_config``, after the config is normalised to
@@ -19,7 +21,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple
 
-from mergekit_lore.params import LoreParameterError, unknown_parameter_message
+from mergekit_lore.params import LoreParameterError, reject_base_only_settings, unknown_parameter_message
 
 # How many frames above ``validate_inputs`` may separate it from the planner.
 _MAX_FRAMES = 8
@@ -70,3 +72,11 @@ def check_parameter_names(config: Any, known: Sequence[str], method: str) -> Non
         for name in block or {}:
             if name not in known:
                 raise LoreParameterError(unknown_parameter_message(name, where, known, method))
+
+
+def check_base_only_parameters(config: Any, has_base: bool, method: str) -> None:
+    """Raise ``LoreParameterError`` for a non-default base-only setting when the merge has no base model."""
+    if has_base:
+        return
+    for where, block in _blocks(config):
+        reject_base_only_settings(block, where, method)

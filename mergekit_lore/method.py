@@ -9,7 +9,7 @@ degenerate to averaging live in ``mergekit_lore.notices``.
 from __future__ import annotations
 
 import logging
-from typing import Any, Hashable, Optional, Sequence
+from typing import Any, Hashable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -24,11 +24,11 @@ from mergekit.merge_methods.generalized_task_arithmetic import get_mask
 from mergekit.sparsify import SparsificationMethod, sparsify
 
 from mergekit_lore.combine import low_rank_part_cancels
-from mergekit_lore.config_check import check_parameter_names, planning_config
+from mergekit_lore.config_check import check_base_only_parameters, check_parameter_names, planning_config
 from mergekit_lore.lore import SolveReport, TensorSolve, lore_merge
 from mergekit_lore.notices import DEGENERACY, warn_once
 from mergekit_lore.observers import active_report
-from mergekit_lore.params import LORE_PARAMETERS, PARAMETER_NAMES, lore_config
+from mergekit_lore.params import LORE_PARAMETERS, PARAMETER_NAMES, lore_config, reject_base_only_settings
 
 LOG = logging.getLogger("mergekit_lore")
 METHOD_NAME = "lore"
@@ -62,11 +62,20 @@ class LoreMerge(GroupMergeMethod):
         *,
         group_name: Optional[str] = None,
     ) -> None:
-        """mergekit's input checks, plus (while planning) unknown parameter names."""
+        """mergekit's input checks, plus (while planning) unknown names and base-only settings without a base."""
         super().validate_inputs(input_ids, base_id, group_name=group_name)
         config = planning_config()
         if config is not None:
             check_parameter_names(config, PARAMETER_NAMES, METHOD_NAME)
+            check_base_only_parameters(config, base_id is not None, METHOD_NAME)
+
+    def __call__(self, groups: Sequence[TensorGroup], /, *, parameters: Optional[Mapping[str, Any]] = None,
+                 **options: Any) -> Tuple[torch.Tensor, ...]:
+        """mergekit's direct entry (``merge_tensors``), which skips planning: base-only settings checked here."""
+        groups = tuple(groups)
+        if any(isinstance(group, TensorGroup) and group.base is None for group in groups):
+            reject_base_only_settings(parameters, "the given parameters", METHOD_NAME)
+        return super().__call__(groups, parameters=parameters, **options)
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         name = group.metadata.name or "<unnamed tensor>"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from pydantic import PlainValidator
 from typing_extensions import Annotated
@@ -147,6 +147,31 @@ PARAMETER_NAMES: Tuple[str, ...] = tuple(spec.name for spec in LORE_PARAMETERS)
 def parameter_defaults() -> Dict[str, Any]:
     """Default value of every ``lore`` parameter, from ``LORE_PARAMETERS``."""
     return {spec.name: spec.default for spec in LORE_PARAMETERS}
+
+
+# Parameters that only act on a merge with a base_model.
+BASE_ONLY_PARAMETERS: Tuple[str, ...] = ("base_mode", "base_weight")
+
+
+def _ignored_without_base(name: str, value: Any) -> bool:
+    """``value`` of base-only parameter ``name`` asks for something a merge without a base cannot do.
+
+    Its default is what the merge does anyway, so only other values count. A scalar is
+    validated first, so that a bad value is reported as such (``LoreParameterError``).
+    """
+    if isinstance(value, (str, numbers.Real)):
+        value = next(spec for spec in LORE_PARAMETERS if spec.name == name).validate(value)
+    return value != parameter_defaults()[name]
+
+
+def reject_base_only_settings(block: Optional[Mapping[str, Any]], where: str, method: str = "lore") -> None:
+    """Raise ``LoreParameterError`` for a non-default base-only setting in ``block`` of a merge without a base."""
+    for name in BASE_ONLY_PARAMETERS:
+        if block and name in block and _ignored_without_base(name, block[name]):
+            raise LoreParameterError(
+                f"{method}: '{name}: {block[name]}' in {where} only acts with a base_model, and this merge has "
+                f"none, so it would run as if '{name}' were not set; add 'base_model: <path>' or remove '{name}'."
+            )
 
 
 def lore_config(parameters: Mapping[str, Any], ids: Sequence[Any]) -> LoreConfig:

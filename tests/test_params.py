@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mergekit.merge_methods import merge_tensors
+from mergekit.merge_methods import merge_state_dicts, merge_tensors
 
 from conftest import run_merge_yaml
 from inprocess import merge_in_process, written_tensors
@@ -104,6 +104,48 @@ def test_misspelled_parameters_fail_while_planning(form, family, tmp_path):
     with pytest.raises(LoreParameterError, match=rf"unknown parameter .* did you mean '{EXPECTED_HINT[form]}'"):
         merge_in_process(TYPOS[form](family.models), out)
     assert not written_tensors(out), "weights were written before the typo was reported"
+
+
+BASE_ONLY = {
+    "global base_mode fixed": (lambda models: lore_config(models, parameters={"base_mode": "fixed"}), "base_mode"),
+    "global base_mode init": (lambda models: lore_config(models, parameters={"base_mode": "init"}), "base_mode"),
+    "per model base_weight": (lambda models: lore_config(models, per_model=[{}, {"base_weight": 3.0}, {}]),
+                              "base_weight"),
+}
+
+
+@pytest.mark.parametrize("form", list(BASE_ONLY))
+def test_base_only_settings_without_a_base_fail_while_planning(form, family, tmp_path):
+    """A non-default base_mode or base_weight would have no effect without a base model: an error, not a default."""
+    build, name = BASE_ONLY[form]
+    out = tmp_path / "out"
+    with pytest.raises(LoreParameterError, match=rf"'{name}: .*' in .* only acts with a base_model.*remove '{name}'"):
+        merge_in_process(build(family.models), out)
+    assert not written_tensors(out), "weights were written before the setting was reported"
+
+
+def test_base_only_settings_at_their_defaults_or_with_a_base_are_accepted(family, tmp_path):
+    defaults = {"base_mode": "anchor", "base_weight": 1.0}
+    without = merge_in_process(lore_config(family.models), tmp_path / "plain")
+    spelled_out = merge_in_process(lore_config(family.models, parameters=defaults), tmp_path / "defaults")
+    assert without.keys() == spelled_out.keys()
+    assert all(torch.equal(without[k], spelled_out[k]) for k in without)
+    fixed = merge_in_process(lore_config(family.models, base=family.base, parameters={"base_mode": "fixed"}),
+                             tmp_path / "fixed")
+    assert fixed.keys() == without.keys()
+
+
+def test_base_only_settings_without_a_base_fail_in_merge_tensors_and_merge_state_dicts():
+    models = [torch.randn(12, 10, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with pytest.raises(LoreParameterError, match=r"'base_mode: fixed' in the given parameters only acts with a base_model"):
+        merge_tensors(models, "lore", name="w", parameters={"base_mode": "fixed"})
+    with pytest.raises(LoreParameterError, match=r"'base_weight: 2.0' .* only acts with a base_model"):
+        merge_tensors(models, "lore", name="w", parameters={"base_weight": 2.0})
+    with pytest.raises(LoreParameterError, match=r"'base_mode: init' .* only acts with a base_model"):
+        merge_state_dicts([{"w": m} for m in models], "lore", parameters={"base_mode": "init"})
+    base = torch.zeros(12, 10)
+    merged = merge_tensors([base] + models, "lore", base_index=0, name="w", parameters={"base_mode": "fixed"})
+    assert merged.shape == base.shape and bool(torch.isfinite(merged).all())
 
 
 def test_planner_hands_its_config_to_validate_inputs(family, tmp_path, monkeypatch):
