@@ -34,6 +34,11 @@ FAMILIES = [(name, f["ft_rank"], f["ft_strength"], f["ft_noise"], f["dtype"], f[
             for name, f in E2E_FAMILIES.items()]
 
 
+def pick_families(names: Optional[str]) -> list:
+    """The ``FAMILIES`` entries named in ``names`` (a comma list; all when empty or None)."""
+    return [f for f in FAMILIES if not names or f[0] in names.split(",")]
+
+
 def family(rows, cols, n, rank, strength, noise, dtype, seed=0, shared=0.0):
     """A base and n fine-tunes: base + rank-r update (``shared`` of it common to all) + noise."""
     g = torch.Generator().manual_seed(seed)
@@ -100,7 +105,7 @@ def main(argv: List[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows, cols = (int(v) for v in args.shape.split("x"))
     torch.set_num_threads(1)
-    picked = [f for f in FAMILIES if not args.families or f[0] in args.families.split(",")]
+    picked = pick_families(args.families)
     lines = ["# Fast-path accuracy and determinism (one matrix, in process)", "", machine_info(1),
              f"- shape {rows}x{cols}, mu_ratio 0.2, lambda 0.5 (sum); reference: the same solve at tol 1e-7 in float64",
              "- thresholds and warm starts as `lore_merge` computes them (`resolve_thresholds`: seeds and,"

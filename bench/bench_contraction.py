@@ -21,8 +21,8 @@ from typing import List
 
 import torch
 
-from bench_accuracy import FAMILIES, merge_inputs, solve
-from common import machine_info, write_report
+from bench_accuracy import merge_inputs, pick_families, solve
+from common import machine_info, parse_shapes, write_report
 
 SETTINGS = ((3, False), (5, False), (2, True))  # (inputs, with a base); two inputs without a base have a closed form
 
@@ -50,8 +50,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    picked = [f for f in FAMILIES if not args.families or f[0] in args.families.split(",")]
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    picked = pick_families(args.families)
+    shapes = parse_shapes(args.shapes)
     seeds = [int(s) for s in args.seeds.split(",")]
     lines = ["# Outer-step contraction of the subspace solve against the coupling c (one matrix, in process)", "",
              machine_info(1),

@@ -22,8 +22,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from bench_accuracy import DEFAULT_TOL, FAMILIES, merge_inputs, solve
-from common import machine_info, write_report
+from bench_accuracy import DEFAULT_TOL, merge_inputs, pick_families, solve
+from common import machine_info, parse_shapes, write_report
 
 
 def contractions(changes: List[float]) -> List[Tuple[int, float, float]]:
@@ -54,8 +54,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    picked = [f for f in FAMILIES if not args.families or f[0] in args.families.split(",")]
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    picked = pick_families(args.families)
+    shapes = parse_shapes(args.shapes)
     lines = ["# Outer steps of the subspace solve (one matrix, in process)", "", machine_info(1),
              f"- mu_ratio 0.2, default tol {DEFAULT_TOL:g}; thresholds and warm starts as `lore_merge` computes them",
              "- estimate: `change_k * rho_k / (1 - rho_k)`, `rho_k = change_k / change_(k-1)`; both only at steps where the change fell from a measured one",

@@ -52,7 +52,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from common import machine_info as common_machine_info  # noqa: E402  (repository on sys.path)
+from common import machine_info as common_machine_info, parse_shapes  # noqa: E402  (repository on sys.path)
 from mergekit_lore.svt import LowRank, SVTResult, choose_backend, svt  # noqa: E402
 
 DEFAULT_SHAPES = "4096x4096,4096x11008,3584x18944"
@@ -89,17 +89,6 @@ def time_limit(seconds: float):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def parse_shapes(text: str) -> List[Tuple[int, int]]:
-    shapes = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        rows, cols = part.split("x")
-        shapes.append((int(rows), int(cols)))
-    return shapes
 
 
 def planted_matrix(

@@ -20,7 +20,7 @@ from typing import List
 
 import torch
 
-from bench_accuracy import FAMILIES, family
+from bench_accuracy import family, pick_families
 from common import machine_info, write_report
 from mergekit_lore.lore import THRESHOLD_RTOL
 from mergekit_lore.solver import anchored_mean
@@ -55,7 +55,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    picked = [f for f in FAMILIES if not args.families or f[0] in args.families.split(",")]
+    picked = pick_families(args.families)
     lines = ["# Threshold estimate s_1: block Krylov (`top_singular`) vs block subspace iteration", "",
              machine_info(1),
              f"- matrix: theta_1 - mean of 3 fine-tunes; block {FIRST_SKETCH}, rtol {THRESHOLD_RTOL:g} (as `lore`)",

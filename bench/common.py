@@ -12,7 +12,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -59,6 +59,18 @@ def subprocess_env(threads: Optional[int]) -> Dict[str, str]:
     if threads:
         overrides.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return offline_env(overrides)
+
+
+def parse_shapes(text: str) -> List[Tuple[int, int]]:
+    """``"1024x1024,1024x2816"`` as ``[(1024, 1024), (1024, 2816)]`` (case-insensitive, blanks skipped)."""
+    shapes = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        rows, cols = part.split("x")
+        shapes.append((int(rows), int(cols)))
+    return shapes
 
 
 def write_report(lines: Sequence[str], path: Optional[str]) -> None:
