@@ -337,7 +337,7 @@ def test_batched_svt_from_the_gram_matches_the_float64_svt():
         for i in range(3)
     ])
     mus = torch.tensor([1 / 8, 1.0, 2.9], dtype=torch.float64)
-    shrunk_matrices, (u, shrunk, vh) = _batched_svt(matrices, mus.view(-1, 1))
+    shrunk_matrices, (u, shrunk, vh), _ = _batched_svt(matrices, mus.view(-1, 1))
     ranks = [int((reference.singular_values(m) > mu).sum()) for m, mu in zip(matrices, mus)]
     assert u.shape[2] == shrunk.shape[1] == vh.shape[1] == max(ranks)  # only the kept pairs are formed
     for i in range(3):
@@ -351,11 +351,63 @@ def test_batched_svt_from_the_gram_matches_the_float64_svt():
         rebuilt = (u[i, :, :kept] * shrunk[i, :kept]) @ vh[i, :kept]
         assert relative(rebuilt, expected) < 1e-12
     # in float32 (the loose small solves of float32 problems): the same kept ranks, the SVT within 1e-5
-    low, (_, low_shrunk, _) = _batched_svt(matrices.float(), mus.float().view(-1, 1))
+    low, (_, low_shrunk, _), _ = _batched_svt(matrices.float(), mus.float().view(-1, 1))
     assert low.dtype == torch.float32
     for i in range(3):
         assert int((low_shrunk[i] > 0).sum()) == int((reference.singular_values(matrices[i]) > mus[i]).sum())
         assert relative(low[i], reference.svt(matrices[i], float(mus[i]))) < 1e-5
+
+
+def _planted(generator, size, spectra):
+    """Matrices ``Q_1 diag(spectrum) Q_2^T`` (float64) with random orthogonal ``Q``s, one per spectrum."""
+    def orthogonal():
+        return torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64)).Q
+    return torch.stack([orthogonal() @ torch.diag(spectrum) @ orthogonal().T for spectrum in spectra])
+
+
+def test_batched_svt_from_tracked_ritz_vectors_matches_the_float64_svt():
+    from mergekit_lore.subspace import RITZ_GUARD, RITZ_MARGIN, _batched_svt
+
+    generator = torch.Generator().manual_seed(8)
+    size, ranks = 120, (12, 30)
+    spectra = [torch.cat([torch.linspace(4.0, 1.5, r, dtype=torch.float64),
+                          torch.linspace(0.6, 0.01, size - r, dtype=torch.float64)]) for r in ranks]
+    matrices = _planted(generator, size, spectra)
+    mus = torch.tensor([1.0, 1.0], dtype=torch.float64).view(-1, 1)
+    _, _, tracked = _batched_svt(matrices, mus)  # full eigendecomposition: the leading right vectors to track
+    assert tracked.shape == (2, size, max(ranks) + RITZ_MARGIN)
+    assert torch.allclose(tracked.transpose(1, 2) @ tracked, torch.eye(tracked.shape[2], dtype=torch.float64).expand(2, -1, -1), atol=1e-12)
+    exact_right = torch.linalg.svd(matrices).Vh.transpose(1, 2)
+    # The tracked vectors span the leading right singular subspace, which is invariant: Rayleigh-Ritz is exact.
+    for i, r in enumerate(ranks):
+        width = r + RITZ_MARGIN
+        overlap = torch.linalg.svdvals(exact_right[i, :, :r].T @ tracked[i])
+        assert float(overlap.min()) > 1 - 1e-10  # the kept directions are inside the tracked ones
+        assert width <= tracked.shape[2]
+    same, (_, shrunk, _), following = _batched_svt(matrices, mus, tracked)
+    for i in range(2):
+        assert relative(same[i], reference.svt(matrices[i], 1.0)) < 1e-12
+        assert int((shrunk[i] > 0).sum()) == ranks[i]
+    assert following.shape == tracked.shape
+    # A nearby matrix (the next iterate of a small solve): each call is one subspace iteration from
+    # the tracked vectors, so calls on it converge to its SVT, by about (s_41 / s_30)^2 = 0.13 per call here.
+    nudged = matrices + 1e-3 * torch.randn(matrices.shape, generator=generator, dtype=torch.float64)
+    expected = [reference.svt(nudged[i], 1.0) for i in range(2)]
+    following, errors = tracked, []
+    for _ in range(6):
+        moved, _, following = _batched_svt(nudged, mus, following)
+        errors.append(max(relative(moved[i], expected[i]) for i in range(2)))
+    assert errors[0] < 1e-3 and errors[-1] < 1e-9
+    assert all(later < earlier / 5 for earlier, later in zip(errors, errors[1:]))
+    # Tracked vectors too few for the kept rank: the full eigendecomposition decides, exactly.
+    narrow = tracked[:, :, : max(ranks) + RITZ_GUARD - 1]
+    exact, (_, shrunk, _), _ = _batched_svt(nudged, mus, narrow)
+    for i in range(2):
+        assert relative(exact[i], reference.svt(nudged[i], 1.0)) < 1e-12
+    # Tracking stops where the kept rank plus the margin passes half the matrix (a full eigh is as cheap).
+    wide = _planted(generator, size, [torch.linspace(4.0, 0.01, size, dtype=torch.float64)])
+    _, (_, shrunk, _), none = _batched_svt(wide, torch.tensor([[0.5]], dtype=torch.float64))
+    assert 2 * (int((shrunk > 0).sum()) + RITZ_MARGIN) > size and none is None
 
 
 def test_left_products_with_a_mean_anchor_match_the_dense_products():
