@@ -75,7 +75,7 @@ CUDA_BLOCK_ELEMENTS = 1 << 27  # on a GPU one large block (few kernel launches)
 FLOAT32_SMALL_SOLVE_MIN_TOL = 1e-4  # small solves at least this loose (100x float32's ~1e-6 SVT error) run in float32
 WHOLE_PROBLEM_ELEMENTS = 1 << 20  # n * m * k up to which ``solve_whole`` replaces the per-model dense loop (memory)
 RITZ_MARGIN = 10  # small solves: right Ritz vectors tracked from one SVT to the next beyond the kept rank
-RITZ_GUARD = 3  # a kept rank within this of the tracked width takes a full eigendecomposition
+RITZ_GUARD = 3  # a kept rank less than this below the tracked width takes a full eigendecomposition
 
 
 def block_rows(matrix: torch.Tensor) -> int:
@@ -212,12 +212,14 @@ def _batched_svt(M: torch.Tensor, mu: torch.Tensor, tracked: Optional[torch.Tens
     ``tracked``: optional orthonormal right bases (n x P x L) from the previous call on
     a nearby ``M`` (the previous iterate of a small solve). Then one subspace iteration
     on the Gram from them and Rayleigh-Ritz (Halko, Martinsson & Tropp 2011, Alg. 4.4)
-    replace the full eigendecomposition, unless some kept rank comes within
-    ``RITZ_GUARD`` of ``L`` (then directions past the bases may pass ``mu``).
+    replace the full eigendecomposition, unless some kept rank is less than
+    ``RITZ_GUARD`` below ``L`` (then directions past the bases may pass ``mu``).
     Returns the shrunk matrices, ``(u, shrunk, vh)`` with ``K`` pairs in decreasing
     order (columns of ``u`` past a matrix's kept rank are zero), and the right Ritz
     vectors to track next: ``K + RITZ_MARGIN`` of them, or None where that is more
-    than half of ``P`` (a full eigendecomposition is then as cheap).
+    than half of ``P`` (a full eigendecomposition is then as cheap) or more than the
+    tracked bases held (the next call then takes the full eigendecomposition and
+    tracks the wider set).
     """
     size = M.shape[2]
     values = vectors = images = None
