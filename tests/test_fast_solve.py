@@ -325,17 +325,19 @@ def test_anchored_mean_of_bf16_inputs_matches_the_float64_mean():
     assert float((got.double() - expected).abs().max()) < 1e-6 * float(expected.abs().max())
 
 
+def _planted(generator, size, spectra):
+    """Matrices ``Q_1 diag(spectrum) Q_2^T`` (float64) with random orthogonal ``Q``s, one per spectrum."""
+    def orthogonal():
+        return torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64)).Q
+    return torch.stack([orthogonal() @ torch.diag(spectrum) @ orthogonal().T for spectrum in spectra])
+
+
 def test_batched_svt_from_the_gram_matches_the_float64_svt():
     from mergekit_lore.subspace import _batched_svt
 
     generator = torch.Generator().manual_seed(5)
     # decaying spectra (s_1 / s_min = 1e4), thresholds from s_1 / 8 to just below s_1
-    matrices = torch.stack([
-        torch.linalg.qr(torch.randn(60, 60, generator=generator, dtype=torch.float64)).Q
-        @ torch.diag(torch.logspace(0, -4, 60, dtype=torch.float64) * (i + 1))
-        @ torch.linalg.qr(torch.randn(60, 60, generator=generator, dtype=torch.float64)).Q.T
-        for i in range(3)
-    ])
+    matrices = _planted(generator, 60, [torch.logspace(0, -4, 60, dtype=torch.float64) * (i + 1) for i in range(3)])
     mus = torch.tensor([1 / 8, 1.0, 2.9], dtype=torch.float64)
     shrunk_matrices, (u, shrunk, vh), _ = _batched_svt(matrices, mus.view(-1, 1))
     ranks = [int((reference.singular_values(m) > mu).sum()) for m, mu in zip(matrices, mus)]
@@ -356,13 +358,6 @@ def test_batched_svt_from_the_gram_matches_the_float64_svt():
     for i in range(3):
         assert int((low_shrunk[i] > 0).sum()) == int((reference.singular_values(matrices[i]) > mus[i]).sum())
         assert relative(low[i], reference.svt(matrices[i], float(mus[i]))) < 1e-5
-
-
-def _planted(generator, size, spectra):
-    """Matrices ``Q_1 diag(spectrum) Q_2^T`` (float64) with random orthogonal ``Q``s, one per spectrum."""
-    def orthogonal():
-        return torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64)).Q
-    return torch.stack([orthogonal() @ torch.diag(spectrum) @ orthogonal().T for spectrum in spectra])
 
 
 def test_batched_svt_from_tracked_ritz_vectors_matches_the_float64_svt():
