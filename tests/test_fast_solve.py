@@ -395,7 +395,7 @@ def test_batched_svt_from_tracked_ritz_vectors_matches_the_float64_svt():
     assert all(later < earlier / 5 for earlier, later in zip(errors, errors[1:]))
     # Tracked vectors too few for the kept rank: the full eigendecomposition decides, exactly.
     narrow = tracked[:, :, : max(ranks) + RITZ_GUARD - 1]
-    exact, (_, shrunk, _), _ = _batched_svt(nudged, mus, narrow)
+    exact, _, _ = _batched_svt(nudged, mus, narrow)
     for i in range(2):
         assert relative(exact[i], reference.svt(nudged[i], 1.0)) < 1e-12
     # Tracking stops where the kept rank plus the margin passes half the matrix (a full eigh is as cheap).
