@@ -16,12 +16,13 @@ OUT="${GPU_CHECK_OUT:-bench/results/gpu_check_$(hostname)_$(date -u +%Y%m%dT%H%M
 WORK="${GPU_CHECK_WORKDIR:-${TMPDIR:-/tmp}/mergekit-lore-gpu-check}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-if ! timeout 60 "$PYTHON" -c 'import torch' 2>/dev/null; then
+# one import of torch: its version and whether it sees a CUDA device
+if ! probe=$(timeout 60 "$PYTHON" -c 'import torch; print(torch.__version__, torch.cuda.is_available())' 2>/dev/null); then
     echo "gpu_check: '$PYTHON' cannot import torch; set PYTHON to the interpreter that has CUDA torch. Nothing run." >&2
     exit 2
 fi
-if ! timeout 60 "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    echo "gpu_check: no CUDA device visible to torch ($("$PYTHON" -c 'import torch; print(torch.__version__)' 2>&1)); nothing run." >&2
+if [ "${probe##* }" != "True" ]; then
+    echo "gpu_check: no CUDA device visible to torch (${probe% *}); nothing run." >&2
     exit 2
 fi
 mkdir -p "$(dirname "$OUT")" "$WORK"
