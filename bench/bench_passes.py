@@ -6,7 +6,7 @@
 next to the same products on a stored ``D_i`` (what a GEMM alone costs), and prints ms and
 GFLOP/s (``2 m k l`` per product) per width ``l``. Three inputs, the mean as anchor.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/bench_passes.py --shape 32000x1024 --widths 20,74,222
+    OMP_NUM_THREADS=1 python bench/bench_passes.py --shape 32000x1024 --widths 20,74,222
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from common import machine_info, parse_shapes
 from mergekit_lore.solver import anchored_mean
 from mergekit_lore.subspace import ResidualProducts
 
@@ -32,34 +33,38 @@ def seconds(call: Callable[[], object], runs: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="32000x1024", help="rows x cols of each weight")
+    parser.add_argument("--shape", default="32000x1024", help="rows x cols of each weight (several: comma-separated)")
     parser.add_argument("--widths", default="20,74,222", help="columns of the thin matrix, comma-separated")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows, cols = (int(x) for x in args.shape.lower().split("x"))
+    print(machine_info(args.threads))
+    print(f"- float32, mean of {args.runs} runs")
     generator = torch.Generator().manual_seed(0)
-    thetas = [torch.randn(rows, cols, generator=generator) for _ in range(3)]
-    mean = anchored_mean(thetas, None, 0.0, torch.float32)
-    products = ResidualProducts(thetas, mean, anchor_is_mean=True)
-    stored = thetas[0] - mean
-    print(f"{rows} x {cols}, float32, {args.threads} thread(s), mean of {args.runs} runs")
-    print()
-    print("| columns | right pass ms (GFLOP/s) | stored D @ V ms (GFLOP/s) | left pass ms (GFLOP/s) | stored D^T @ U ms (GFLOP/s) |")
-    print("|---|---|---|---|---|")
-    for width in (int(w) for w in args.widths.split(",")):
-        right_factor = torch.randn(cols, width, generator=generator)
-        left_factor = torch.randn(rows, width, generator=generator)
-        flop = 2.0 * rows * cols * width
-        timings = [
-            seconds(lambda: products.right(0, right_factor), args.runs),
-            seconds(lambda: stored @ right_factor, args.runs),
-            seconds(lambda: products.left(0, left_factor), args.runs),
-            seconds(lambda: (left_factor.T @ stored).T, args.runs),
-        ]
-        cells = " | ".join(f"{t * 1e3:.1f} ({flop / t / 1e9:.0f})" for t in timings)
-        print(f"| {width} | {cells} |")
+    for rows, cols in parse_shapes(args.shape):
+        thetas = [torch.randn(rows, cols, generator=generator) for _ in range(3)]
+        mean = anchored_mean(thetas, None, 0.0, torch.float32)
+        products = ResidualProducts(thetas, mean, anchor_is_mean=True)
+        stored = thetas[0] - mean
+        print()
+        print(f"## {rows} x {cols}")
+        print()
+        print("| columns | right pass ms (GFLOP/s) | stored D @ V ms (GFLOP/s) | left pass ms (GFLOP/s) "
+              "| stored D^T @ U ms (GFLOP/s) |")
+        print("|---|---|---|---|---|")
+        for width in (int(w) for w in args.widths.split(",")):
+            right_factor = torch.randn(cols, width, generator=generator)
+            left_factor = torch.randn(rows, width, generator=generator)
+            flop = 2.0 * rows * cols * width
+            timings = [
+                seconds(lambda: products.right(0, right_factor), args.runs),
+                seconds(lambda: stored @ right_factor, args.runs),
+                seconds(lambda: products.left(0, left_factor), args.runs),
+                seconds(lambda: (left_factor.T @ stored).T, args.runs),
+            ]
+            cells = " | ".join(f"{t * 1e3:.1f} ({flop / t / 1e9:.0f})" for t in timings)
+            print(f"| {width} | {cells} |")
     return 0
 
 
