@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# GPU check for mergekit-lore: one command on a fresh H100/H200 machine (CUDA torch,
-# mergekit and this package installed, no network). Writes everything to one file:
+# GPU check for mergekit-lore: one command on a fresh H100/H200 machine with CUDA torch and no
+# network. mergekit and this package are installed from the wheels of bench/gpu_wheels.sh
+# (made beforehand where the package registry is reachable, carried in .whl or $GPU_CHECK_WHEELS)
+# by bench/gpu_setup.sh, unless PYTHON's environment has them already. Writes everything to one file:
 #   bench/results/gpu_check_<host>_<date>.md   (or $GPU_CHECK_OUT)
 # Steps (each under its own time limit, whole script < 8 min on one H100/H200):
 #   1. the cuda-marked tests
 #   2. SVT kernel bench on 4096x11008, 3584x18944, 152064x3584 (bf16-free float32 kernels)
 #   3. a Qwen2.5-7B-shaped end-to-end merge, 2 fine-tunes + base, bf16, mergekit-yaml --cuda:
 #      lore (base_model, anchor) vs ties vs linear (GPU_CHECK_LAYERS layers, default 2)
-# Without CUDA it stops at once with exit status 2.
+# Without CUDA, or without mergekit and `lore` registered, it stops at once with exit status 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python}"
+export PYTHON="${PYTHON:-python3}"
 LAYERS="${GPU_CHECK_LAYERS:-2}"
 OUT="${GPU_CHECK_OUT:-bench/results/gpu_check_$(hostname)_$(date -u +%Y%m%dT%H%M).md}"
 WORK="${GPU_CHECK_WORKDIR:-${TMPDIR:-/tmp}/mergekit-lore-gpu-check}"
@@ -25,6 +27,8 @@ if [ "${probe##* }" != "True" ]; then
     echo "gpu_check: no CUDA device visible to torch (${probe% *}); nothing run." >&2
     exit 2
 fi
+# mergekit and this package: from bench/gpu_wheels.sh's carried wheels where the machine lacks them
+. bench/gpu_setup.sh "${GPU_CHECK_WHEELS:-.whl}"  # sourced: PYTHONPATH and PATH where the wheels went to a folder of their own
 mkdir -p "$(dirname "$OUT")" "$WORK"
 status=0
 {

@@ -1,4 +1,6 @@
-"""``bench/gpu_check.sh`` on a machine it cannot use: it must stop at once, say why, and write nothing."""
+"""``bench/gpu_check.sh`` on a machine it cannot use: it must stop at once, say why, and write nothing;
+``bench/gpu_setup.sh``, its first step on a device machine: ready only where mergekit-yaml registers
+``lore`` at start-up, else it names what is missing and the wheels to carry."""
 
 from __future__ import annotations
 
@@ -38,3 +40,38 @@ def test_an_interpreter_without_torch_is_named(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "cannot import torch" in result.stderr and "set PYTHON" in result.stderr
     assert not (tmp_path / "results.md").exists()
+
+
+SETUP = REPO / "bench" / "gpu_setup.sh"
+
+
+def _setup(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """``bench/gpu_setup.sh`` with this interpreter and an empty wheel folder (nothing to install)."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir(exist_ok=True)
+    full_env = {**os.environ, "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(SETUP), str(wheels)], env=full_env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_setup_accepts_this_environment(tmp_path):
+    result = _setup(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "gpu_setup: ready" in result.stderr and "mergekit-yaml" in result.stderr
+
+
+def test_setup_names_a_missing_mergekit_and_the_wheels_to_carry(tmp_path):
+    shadow = tmp_path / "shadow" / "mergekit"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'mergekit'\")\n")
+    result = _setup(tmp_path, PYTHONPATH=str(shadow.parent))
+    assert result.returncode == 2, result.stderr
+    assert "No module named 'mergekit'" in result.stderr
+    assert "bench/gpu_wheels.sh" in result.stderr
+
+
+def test_setup_needs_lore_registered_at_start_up(tmp_path):
+    # importing mergekit_lore registers lore too; the check must not count that (mergekit-yaml never imports it)
+    result = _setup(tmp_path, MERGEKIT_LORE_DISABLE_AUTOLOAD="1")
+    assert result.returncode == 2, result.stderr
+    assert "does not register 'lore' at start-up" in result.stderr
