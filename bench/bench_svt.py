@@ -449,25 +449,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     began = time.perf_counter()
     rows: List[Row] = []
     references: List[str] = []
-    for rows_, cols_ in shapes:
-        shape_rows = bench_shape(rows_, cols_, args, device, log, references)
-        rows.extend(shape_rows)
+
+    def report(done: int) -> str:
+        """The table so far; with ``--out``, written after every shape (a killed run keeps its shapes)."""
+        table = markdown_table(rows)
+        footer = [
+            "",
+            (f"Partial: {done} of {len(shapes)} shapes. " if done < len(shapes) else "")
+            + f"Total benchmark wall time {time.perf_counter() - began:.0f} s; load average at end "
+            + (f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?")
+            + ".",
+            "References computed: " + "; ".join(references) + ".",
+        ]
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text("\n".join(header) + "\n\n" + table + "\n" + "\n".join(footer) + "\n")
+        return table + "\n" + "\n".join(footer)
+
+    final = report(0)
+    for done, (rows_, cols_) in enumerate(shapes, start=1):
+        rows.extend(bench_shape(rows_, cols_, args, device, log, references))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    table = markdown_table(rows)
-    footer = [
-        "",
-        f"Total benchmark wall time {time.perf_counter() - began:.0f} s; load average at end "
-        + (f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?")
-        + ".",
-        "References computed: " + "; ".join(references) + ".",
-    ]
+        final = report(done)
     print()
-    print(table)
-    print("\n".join(footer))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(header) + "\n\n" + table + "\n" + "\n".join(footer) + "\n")
+    print(final)
     return 0
 
 

@@ -45,11 +45,13 @@ timeout 120 "$PYTHON" -m pytest -q -m cuda tests/ >> "$OUT" 2>&1 || { echo "(tes
 { echo '```'; echo; echo "## 2. SVT kernel (float32 on GPU)"; echo; } >> "$OUT"
 timeout 150 "$PYTHON" bench/bench_svt.py --device cuda --shapes 4096x11008,3584x18944,152064x3584 \
     --runs 3 --timeout 60 --out "$WORK/svt.md" > "$WORK/svt.log" 2>&1 \
-    && cat "$WORK/svt.md" >> "$OUT" || { echo "(SVT bench FAILED or timed out: status $?)"; tail -30 "$WORK/svt.log"; status=1; } >> "$OUT"
+    && cat "$WORK/svt.md" >> "$OUT" \
+    || { echo "(SVT bench FAILED or timed out: status $?; the shapes it finished, then its log)"; \
+         cat "$WORK/svt.md" 2>/dev/null; tail -30 "$WORK/svt.log"; status=1; } >> "$OUT"
 { echo; echo "## 3. Qwen2.5-7B-shaped merge, $LAYERS layers, 2 fine-tunes + base, bf16, --cuda"; echo; } >> "$OUT"
 timeout 270 "$PYTHON" bench/bench_e2e.py --cuda --hidden 3584 --intermediate 18944 --heads 28 --kv-heads 4 \
     --vocab 152064 --layers "$LAYERS" --dtype bfloat16 --ft-rank 16 --ft-strength 0.05 --ft-noise 0.002 \
-    --inputs 2 --runs 1 --configs "linear,ties,lore base_model" --timeout 200 \
+    --inputs 2 --runs 1 --configs "linear,ties,lore base_model (anchor)" --timeout 200 \
     --workdir "$WORK/e2e" --out "$WORK/e2e.md" > "$WORK/e2e.log" 2>&1 \
     && cat "$WORK/e2e.md" >> "$OUT" || { echo "(e2e bench FAILED or timed out: status $?)"; tail -30 "$WORK/e2e.log"; status=1; } >> "$OUT"
 echo "gpu_check: results in $OUT (status $status)"

@@ -124,13 +124,20 @@ def save_model(
     shape: TinyLlamaShape,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Save ``state`` as a Llama checkpoint (config, safetensors, tokenizer)."""
+    """Save ``state`` as a Llama checkpoint (config, safetensors, tokenizer).
+
+    The model is built on the meta device and takes ``state``'s tensors as they are (no
+    random initialisation to overwrite); with tied embeddings the input embedding is saved.
+    """
     from transformers import LlamaForCausalLM
 
     path = Path(path).resolve()
     config = llama_config(shape)
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(state)
+    with torch.device("meta"):  # no random initialisation: every saved weight comes from ``state``
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(state, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
     model.to(dtype).save_pretrained(str(path), safe_serialization=True)
     save_tokenizer(path, shape.vocab)
     return path
