@@ -527,7 +527,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         shutil.rmtree(scratch / "out", ignore_errors=True)
         if not args.no_split:
             for c in configs:
-                if c.method == "lore" and c.failed:
+                if c.failed:  # nothing to split (a config that failed in mergekit-yaml fails here too)
                     continue
                 if c.method == "lore" and c.name not in ("lore default (no base; fista, auto)", "lore base_model (anchor)") \
                         and c.median is not None and c.median > 600:

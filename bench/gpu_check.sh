@@ -34,7 +34,8 @@ status=0
 {
     echo "# GPU check ($(date -u +%FT%TZ))"
     echo
-    "$PYTHON" -c 'import torch; print(f"- torch {torch.__version__}, CUDA {torch.version.cuda}, GPU {torch.cuda.get_device_name(0)}")'
+    "$PYTHON" -c 'import torch; print(f"- torch {torch.__version__}, CUDA {torch.version.cuda}, GPU {torch.cuda.get_device_name(0)}")' \
+        2>/dev/null || echo "- (could not describe the GPU through torch)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/- nvidia-smi: /' || true
     echo
     echo "## 1. cuda-marked tests"
@@ -47,7 +48,7 @@ timeout 150 "$PYTHON" bench/bench_svt.py --device cuda --shapes 4096x11008,3584x
     --runs 3 --timeout 60 --out "$WORK/svt.md" > "$WORK/svt.log" 2>&1 \
     && cat "$WORK/svt.md" >> "$OUT" \
     || { echo "(SVT bench FAILED or timed out: status $?; the shapes it finished, then its log)"; \
-         cat "$WORK/svt.md" 2>/dev/null; tail -30 "$WORK/svt.log"; status=1; } >> "$OUT"
+         cat "$WORK/svt.md" 2>/dev/null || true; tail -30 "$WORK/svt.log"; status=1; } >> "$OUT"
 { echo; echo "## 3. Qwen2.5-7B-shaped merge, $LAYERS layers, 2 fine-tunes + base, bf16, --cuda"; echo; } >> "$OUT"
 timeout 270 "$PYTHON" bench/bench_e2e.py --cuda --hidden 3584 --intermediate 18944 --heads 28 --kv-heads 4 \
     --vocab 152064 --layers "$LAYERS" --dtype bfloat16 --ft-rank 16 --ft-strength 0.05 --ft-noise 0.002 \
