@@ -8,7 +8,7 @@ inputs like ``bench_e2e.py``'s (a base drawn as a transformers init, std 0.02, a
 fine-tunes = base + a rank-``--ft-rank`` update at ``--ft-strength`` of the weight's RMS +
 dense noise at ``--ft-noise``, ``mergekit_lore.demo.fine_tune_like``), merges them on
 ``--device`` through mergekit's public ``merge_tensors`` with ``lore`` (defaults, or
-``--lore-params``), ``ties`` and ``linear`` in the same run, and multiplies each median
+``--lore-param NAME=VALUE``), ``ties`` and ``linear`` in the same run, and multiplies each median
 time by how many matrices of that shape the model has. The sum is the merge compute of the
 whole model: no loading, writing or start-up (``bench_e2e.py`` measures those end to end),
 and the 1-D tensors (norms, biases), which every method merges elementwise, are left out.
@@ -26,7 +26,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from common import machine_info, write_report  # noqa: E402  (repository on sys.path)
@@ -106,8 +105,8 @@ def merge_once(method: str, base: torch.Tensor, variants: List[torch.Tensor], ar
     return seconds
 
 
-def report(rows: List[Row], methods: List[str], header: List[str], device: str, done: bool) -> List[str]:
-    """The markdown table: per shape, then the whole model (a partial one until ``done``)."""
+def report(rows: List[Row], methods: List[str], header: List[str], device: str, shapes: int) -> List[str]:
+    """The markdown table: per shape, then the sum (the whole model once all ``shapes`` are in)."""
     lines = list(header) + ["", "| kind | shape | matrices | " + " | ".join(f"{m} s (one)" for m in methods)
                             + " | " + " | ".join(f"{m} s (all)" for m in methods) + " |",
                             "|---|---|---|" + "---|" * (2 * len(methods))]
@@ -119,9 +118,10 @@ def report(rows: List[Row], methods: List[str], header: List[str], device: str, 
         lines.append(f"| {row.kind} | {row.shape[0]} x {row.shape[1]} | {row.count} | "
                      + " | ".join("-" if v is None else f"{v:.3f}" for v in one) + " | "
                      + " | ".join("-" if v is None else f"{v * row.count:.1f}" for v in one) + " |")
-    lines += ["", ("Whole model" if done else f"Partial ({len(rows)} shapes so far)") + ", merge compute only: "
+    whole = len(rows) == shapes
+    lines += ["", ("Whole model" if whole else f"{len(rows)} of the model's {shapes} shapes") + ", merge compute only: "
               + ", ".join(f"{m} {totals[m]:.1f} s" for m in methods) + "."]
-    if "lore" in totals and totals["lore"] > 0:
+    if whole and "lore" in totals and totals["lore"] > 0:
         ratios = [f"{totals['lore'] / totals[m]:.2f}x {m}" for m in methods if m != "lore" and totals[m] > 0]
         lines.append(f"lore: {', '.join(ratios)}; the paper's {PAPER_SECONDS} s for two 7B models is "
                      f"{PAPER_SECONDS / totals['lore']:.1f}x this lore total.")
@@ -201,8 +201,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         del base, variants
         if args.device == "cuda":
             torch.cuda.empty_cache()
-        write_report(report(rows, methods, header, args.device, done=len(rows) == len(kinds)), args.out)
-    print("\n".join(report(rows, methods, header, args.device, done=True)[len(header):]))
+        write_report(report(rows, methods, header, args.device, len(shapes)), args.out)
+    print("\n".join(report(rows, methods, header, args.device, len(shapes))[len(header):]))
     return 0
 
 
