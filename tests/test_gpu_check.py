@@ -16,11 +16,14 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 
 
+def _bash(script: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """``bash script args...`` with this interpreter as ``PYTHON`` and ``env`` added."""
+    return subprocess.run(["bash", str(script), *args], env={**os.environ, "PYTHON": sys.executable, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
 def _run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    out = tmp_path / "results.md"
-    full_env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_OUT": str(out),
-                "GPU_CHECK_WORKDIR": str(tmp_path / "work"), **env}
-    return subprocess.run(["bash", str(SCRIPT)], env=full_env, capture_output=True, text=True, timeout=120)
+    return _bash(SCRIPT, GPU_CHECK_OUT=str(tmp_path / "results.md"), GPU_CHECK_WORKDIR=str(tmp_path / "work"), **env)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible: the script would run")
@@ -49,9 +52,7 @@ def _setup(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     """``bench/gpu_setup.sh`` with this interpreter and an empty wheel folder (nothing to install)."""
     wheels = tmp_path / "wheels"
     wheels.mkdir(exist_ok=True)
-    full_env = {**os.environ, "PYTHON": sys.executable, **env}
-    return subprocess.run(["bash", str(SETUP), str(wheels)], env=full_env, capture_output=True, text=True,
-                          timeout=120)
+    return _bash(SETUP, str(wheels), **env)
 
 
 def test_setup_accepts_this_environment(tmp_path):
