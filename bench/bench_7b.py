@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 from common import machine_info, write_report  # noqa: E402  (repository on sys.path)
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 import mergekit_lore  # noqa: E402,F401  (registers lore)
 from mergekit.merge_methods import merge_tensors  # noqa: E402
@@ -130,16 +131,6 @@ def report(rows: List[Row], methods: List[str], header: List[str], device: str, 
     return lines
 
 
-def parameter_value(text: str):
-    """A ``--lore-param`` value as YAML would read it: int, float, else the text."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="qwen2.5-7b")
@@ -163,7 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--device cuda but CUDA is not available")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.lore_params = {name: parameter_value(value) for name, _, value in
+    args.lore_params = {name: yaml.safe_load(value) for name, _, value in  # as a mergekit-yaml config reads it
                         (item.partition("=") for item in args.lore_param)}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     shapes = model_shapes(args.arch)
@@ -201,8 +192,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         del base, variants
         if args.device == "cuda":
             torch.cuda.empty_cache()
-        write_report(report(rows, methods, header, args.device, len(shapes)), args.out)
-    print("\n".join(report(rows, methods, header, args.device, len(shapes))[len(header):]))
+        lines = report(rows, methods, header, args.device, len(shapes))
+        write_report(lines, args.out)
+    print("\n".join(lines[len(header):]))
     return 0
 
 
